@@ -1,0 +1,57 @@
+"""Shared fixtures: the real HAM10000 folder, a split manifest, and one tiny trained run reused by many tests."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("DERM_DATA")
+    p = Path(env) if env else REPO.parent / "shared" / "data" / "ham10000"
+    if not (p / "HAM10000_metadata.csv").is_file():
+        pytest.fail(f"HAM10000 not found at {p}: set DERM_DATA to a HAM10000 folder", pytrace=False)
+    return p
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return _data_dir()
+
+
+@pytest.fixture(scope="session")
+def records(data_dir):
+    from dermtrain.data import load_records
+    return load_records(data_dir)
+
+
+@pytest.fixture(scope="session")
+def split_csv(records, tmp_path_factory) -> Path:
+    from dermtrain.splits import make_split, write_manifest
+    path = tmp_path_factory.mktemp("split") / "split.csv"
+    write_manifest(make_split(records, seed=0), path)
+    return path
+
+
+TINY = dict(model="test_convnext", img_size=64, limit=140, batch_size=32, threads=1, seed=0,
+            epochs_head=1, epochs_tune=1)
+
+
+def tiny_config(**kw):
+    from dermtrain.config import load_config, with_overrides
+    return with_overrides(load_config("cpu"), **{**TINY, **kw})
+
+
+@pytest.fixture(scope="session")
+def tiny_run(data_dir, split_csv, tmp_path_factory) -> Path:
+    """A test_convnext trained for 1 + 1 epochs on 140 real images per split, then evaluated on test."""
+    from dermtrain.evaluate import evaluate
+    from dermtrain.fit import fit
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    fit(tiny_config(), data_dir, split_csv, out, progress=False)
+    evaluate(out, data_dir, "test", progress=False)
+    return out

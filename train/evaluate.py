@@ -1,0 +1,157 @@
+"""`dermtrain eval`: the clinical evaluation of a run on one split, written into the run folder."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dermtrain.cache import build_cache
+from dermtrain.config import from_dict
+from dermtrain.data import load_records
+from dermtrain.fit import RunFiles, predict_logits, training_curves_png
+from dermtrain.metrics import (expected_calibration_error, fit_temperature, softmax, summarize,
+                               threshold_for_sensitivity)
+from dermtrain.models import create_model
+from dermtrain.plots import confusion_matrix_png
+from dermtrain.splits import manifest_sha256, read_manifest, select
+from engines.fsutil import atomic_path, write_json, write_text
+from engines.labels import CLASS_CODES, MEL_INDEX, class_name
+from engines.preprocess import PreprocessSpec
+
+
+class EvalError(Exception):
+    """A run that cannot be evaluated; str() is one line."""
+
+
+def load_run_model(run_dir: Path, which: str = "best"):
+    """(model in eval mode, TrainConfig, PreprocessSpec, checkpoint dict) of a run folder."""
+    path = Path(run_dir) / f"{which}.pt"
+    if not path.is_file():
+        raise EvalError(f"{path}: checkpoint not found (has the run finished an epoch?)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = from_dict(state["config"])
+    spec = PreprocessSpec.from_dict(state["preprocess"])
+    model = create_model(cfg.model, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, spec, state
+
+
+def tta_logits(model, images_u8: np.ndarray, spec: PreprocessSpec, tta: str, batch: int = 128) -> np.ndarray:
+    """Mean logits over the test-time views: none, or `flip` (identity, horizontal, vertical, both)."""
+    dev = torch.device("cpu")
+    views = [images_u8]
+    if tta == "flip":
+        views += [images_u8[:, :, ::-1], images_u8[:, ::-1, :], images_u8[:, ::-1, ::-1]]
+    outs = [predict_logits(model, np.ascontiguousarray(v), spec, dev, batch, None, False) for v in views]
+    return np.mean(outs, axis=0)
+
+
+def evaluate(run_dir: Path, data_dir: Path, split_name: str = "test", target_sensitivity: float = 0.90,
+             tta: str = "none", limit: int | None = None, progress: bool = True) -> dict:
+    run = RunFiles(Path(run_dir))
+    model, cfg, spec, state = load_run_model(run.root)
+    if not run.split.is_file():
+        raise EvalError(f"{run.split}: the run's split manifest is missing")
+    if manifest_sha256(run.split) != state["split_sha256"]:
+        raise EvalError(f"{run.split}: differs from the manifest the model was trained on")
+    rows = read_manifest(run.split)
+    records = load_records(data_dir)
+    lim = limit if limit is not None else cfg.limit
+    val_recs = select(rows, records, "val", lim, cfg.seed)
+    eval_recs = select(rows, records, split_name, lim, cfg.seed)
+    val_x, val_y = build_cache(val_recs, spec, "caching val", progress)
+    x, y = build_cache(eval_recs, spec, f"caching {split_name}", progress)
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    val_logits = tta_logits(model, val_x, spec, tta, cfg.eval_batch_size)
+    logits = tta_logits(model, x, spec, tta, cfg.eval_batch_size)
+
+    temperature = fit_temperature(val_logits, val_y)
+    val_p_mel = softmax(val_logits, temperature)[:, MEL_INDEX]
+    threshold = threshold_for_sensitivity(val_p_mel, val_y == MEL_INDEX, target_sensitivity)
+    val_sum = summarize(val_logits, val_y, temperature, threshold)
+    s = summarize(logits, y, temperature, threshold)
+    metrics = {
+        "run": str(run.root), "split": split_name, "checkpoint_epoch": state["epoch"], "model": cfg.model,
+        "img_size": spec.size, "tta": tta, "split_sha256": state["split_sha256"],
+        **{k: s[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "per_class", "auc", "class_table",
+                             "confusion_matrix", "melanoma")},
+        "calibration": {"temperature": temperature,
+                        "ece_before": expected_calibration_error(softmax(logits), y),
+                        "ece_after": s["ece"]},
+        "operating_point": {"class": "mel", "threshold": threshold, "target_sensitivity": target_sensitivity,
+                            "chosen_on": "val", "val_recall": val_sum["melanoma"]["threshold"]["recall"],
+                            "val_specificity": val_sum["melanoma"]["threshold"]["specificity"]},
+        "validation": {k: val_sum[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}
+                      | {"mel_recall": val_sum["per_class"]["mel"]},
+    }
+    write_json(run.root / "metrics.json", metrics)
+    if split_name != "test":
+        write_json(run.root / f"metrics_{split_name}.json", metrics)
+    # The calibration belongs to the model, not to the split it was reported on: it is always fitted on val.
+    write_json(run.root / "calibration.json", {"temperature": temperature, "mel_threshold": threshold,
+                                              "target_sensitivity": target_sensitivity, "tta": tta,
+                                              "validation": metrics["validation"]})
+    with atomic_path(run.root / f"logits_{split_name}.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, logits=logits, labels=y, val_logits=val_logits, val_labels=val_y)
+    confusion_matrix_png(np.array(s["confusion_matrix"]), run.root / "confusion_matrix.png",
+                         f"{cfg.model} @ {spec.size}px, {split_name} split (n={s['n']})")
+    if state.get("history"):
+        training_curves_png(state["history"], cfg.phase1.epochs, run.curves)
+    write_text(run.root / "report.md", render_report(metrics))
+    return metrics
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def render_report(m: dict) -> str:
+    mel_a, mel_t = m["melanoma"]["argmax"], m["melanoma"]["threshold"]
+    lines = [
+        f"# Evaluation: {m['model']} @ {m['img_size']} px on the {m['split']} split",
+        "",
+        f"Run `{m['run']}`, checkpoint of epoch {m['checkpoint_epoch']}, {m['n']} images, test-time views: {m['tta']}. "
+        f"Split manifest sha256 `{m['split_sha256'][:12]}…` (lesion-level, no lesion in two splits).",
+        "",
+        "| metric | value |", "|---|---|",
+        f"| overall accuracy | {_pct(m['accuracy'])} |",
+        f"| balanced accuracy (mean recall) | {_pct(m['balanced_accuracy'])} |",
+        f"| macro F1 | {_pct(m['macro_f1'])} |",
+        f"| melanoma recall / specificity at argmax | {_pct(mel_a['recall'])} / {_pct(mel_a['specificity'])} |",
+        f"| melanoma recall / specificity at p(mel) >= {mel_t['threshold']:.3f} | "
+        f"{_pct(mel_t['recall'])} / {_pct(mel_t['specificity'])} |",
+        f"| ECE before / after temperature {m['calibration']['temperature']:.3f} | "
+        f"{_pct(m['calibration']['ece_before'])} / {_pct(m['calibration']['ece_after'])} |",
+        "",
+        "## Per class",
+        "",
+        "| Class | Correct / Total | Accuracy | Most Common Confusion | AUC (one-vs-rest) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in m["class_table"]:
+        conf = (f"{class_name(r['confused_with'])} ({r['confused_count']}, {_pct(r['confused_share'])})"
+                if r["confused_with"] else "none")
+        lines.append(f"| {r['name']} ({r['code']}) | {r['correct']} / {r['total']} | {_pct(r['accuracy'])} | "
+                     f"{conf} | {m['auc'][r['code']]:.3f} |")
+    op = m["operating_point"]
+    lines += [
+        "",
+        "## Melanoma operating point",
+        "",
+        f"The threshold on calibrated p(mel) was chosen on the validation split for at least "
+        f"{_pct(op['target_sensitivity'])} melanoma sensitivity: t = {op['threshold']:.4f} "
+        f"(validation recall {_pct(op['val_recall'])}, specificity {_pct(op['val_specificity'])}). "
+        f"On this split it catches {mel_t['tp']} of {mel_t['tp'] + mel_t['fn']} melanomas and flags "
+        f"{mel_t['fp']} of {mel_t['fp'] + mel_t['tn']} non-melanomas.",
+        "",
+        "![confusion matrix](confusion_matrix.png)",
+        "",
+        "![training curves](training_curves.png)",
+        "",
+        "Decision support, not a diagnosis.",
+        "",
+    ]
+    return "\n".join(lines)

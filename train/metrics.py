@@ -1,0 +1,170 @@
+"""Classification metrics for the clinic: per-class table, balanced accuracy, AUC, calibration, melanoma
+operating points. numpy only, so evaluation and the conversion gate share one implementation."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from engines.labels import CLASS_CODES, MEL_INDEX, class_name
+
+K = len(CLASS_CODES)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, k: int = K) -> np.ndarray:
+    """Rows: true class, columns: predicted class."""
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return cm
+
+
+def recalls(cm: np.ndarray) -> np.ndarray:
+    tot = cm.sum(axis=1)
+    return np.divide(np.diag(cm), tot, out=np.full(len(cm), np.nan), where=tot > 0)
+
+
+def balanced_accuracy(cm: np.ndarray) -> float:
+    r = recalls(cm)
+    return float(np.nanmean(r))
+
+
+def macro_f1(cm: np.ndarray) -> float:
+    tp = np.diag(cm).astype(float)
+    prec = np.divide(tp, cm.sum(axis=0), out=np.zeros(len(cm)), where=cm.sum(axis=0) > 0)
+    rec = np.divide(tp, cm.sum(axis=1), out=np.zeros(len(cm)), where=cm.sum(axis=1) > 0)
+    f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros(len(cm)), where=(prec + rec) > 0)
+    present = cm.sum(axis=1) > 0
+    return float(f1[present].mean())
+
+
+def auc_binary(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney) statistic, ties counted half."""
+    pos = positive.astype(bool)
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    s = scores[order]
+    ranks = np.empty(len(s))
+    i = 0
+    while i < len(s):
+        j = i
+        while j + 1 < len(s) and s[j + 1] == s[i]:
+            j += 1
+        ranks[i:j + 1] = (i + j) / 2 + 1
+        i = j + 1
+    r = np.empty(len(s))
+    r[order] = ranks
+    return float((r[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, bins: int = 15) -> float:
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y_true
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def nll(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0) -> float:
+    p = softmax(logits, temperature)
+    return float(-np.log(np.clip(p[np.arange(len(y_true)), y_true], 1e-12, None)).mean())
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
+    """The temperature minimising validation NLL, by golden-section search on log T in [-3, 3]."""
+    a, b = -3.0, 3.0
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    for _ in range(60):
+        if nll(logits, y_true, math.exp(c)) < nll(logits, y_true, math.exp(d)):
+            b = d
+        else:
+            a = c
+        c, d = b - g * (b - a), a + g * (b - a)
+    return float(math.exp((a + b) / 2))
+
+
+def threshold_for_sensitivity(p_pos: np.ndarray, positive: np.ndarray, target: float = 0.90) -> float:
+    """The highest threshold t with recall(p >= t) >= target: the most specific operating point that
+    still catches the target share of the positives."""
+    scores = np.sort(p_pos[positive.astype(bool)])[::-1]
+    if len(scores) == 0:
+        return 0.5
+    k = max(1, math.ceil(target * len(scores)))
+    return float(scores[k - 1])
+
+
+def binary_rates(p_pos: np.ndarray, positive: np.ndarray, threshold: float) -> dict:
+    pos = positive.astype(bool)
+    flag = p_pos >= threshold
+    tp, fn = int((flag & pos).sum()), int((~flag & pos).sum())
+    tn, fp = int((~flag & ~pos).sum()), int((flag & ~pos).sum())
+    return {"threshold": float(threshold),
+            "recall": tp / (tp + fn) if tp + fn else float("nan"),
+            "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+            "tp": tp, "fn": fn, "tn": tn, "fp": fp}
+
+
+def melanoma_at_argmax(cm: np.ndarray) -> dict:
+    m = MEL_INDEX
+    tp = int(cm[m, m])
+    fn = int(cm[m].sum() - tp)
+    fp = int(cm[:, m].sum() - tp)
+    tn = int(cm.sum() - tp - fn - fp)
+    return {"recall": tp / (tp + fn) if tp + fn else float("nan"),
+            "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+            "tp": tp, "fn": fn, "tn": tn, "fp": fp}
+
+
+def class_table(cm: np.ndarray) -> list[dict]:
+    """The published per-class table: correct / total, accuracy, most common confusion with count and share."""
+    rows = []
+    for i, code in enumerate(CLASS_CODES):
+        total = int(cm[i].sum())
+        off = cm[i].copy()
+        off[i] = 0
+        j = int(off.argmax())
+        rows.append({
+            "code": code, "name": class_name(code), "correct": int(cm[i, i]), "total": total,
+            "accuracy": cm[i, i] / total if total else float("nan"),
+            "confused_with": CLASS_CODES[j] if off[j] > 0 else None,
+            "confused_count": int(off[j]),
+            "confused_share": off[j] / total if total else float("nan"),
+        })
+    return rows
+
+
+def summarize(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0,
+              mel_threshold: float | None = None) -> dict:
+    """Every headline figure for one split, from its logits."""
+    probs = softmax(logits, temperature)
+    pred = probs.argmax(axis=1)
+    cm = confusion(y_true, pred)
+    rec = recalls(cm)
+    out = {
+        "n": int(len(y_true)),
+        "accuracy": float((pred == y_true).mean()) if len(y_true) else float("nan"),
+        "balanced_accuracy": balanced_accuracy(cm),
+        "macro_f1": macro_f1(cm),
+        "per_class": {c: float(rec[i]) for i, c in enumerate(CLASS_CODES)},
+        "auc": {c: auc_binary(probs[:, i], y_true == i) for i, c in enumerate(CLASS_CODES)},
+        "confusion_matrix": cm.tolist(),
+        "class_table": class_table(cm),
+        "ece": expected_calibration_error(probs, y_true),
+        "melanoma": {"argmax": melanoma_at_argmax(cm)},
+    }
+    if mel_threshold is not None:
+        out["melanoma"]["threshold"] = binary_rates(probs[:, MEL_INDEX], y_true == MEL_INDEX, mel_threshold)
+    return out

@@ -1,0 +1,84 @@
+"""The accuracy gate: a reduced-precision model (FP16 ONNX, TensorRT) against the FP32 model it came from,
+on real validation images. A failing gate ships nothing."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dermtrain.metrics import balanced_accuracy, binary_rates, confusion
+from engines.engine import Engine
+from engines.fsutil import write_json, write_text
+from engines.labels import MEL_INDEX
+
+MIN_TOP1_AGREEMENT = 0.995
+MAX_BALANCED_ACC_DROP = 0.005
+MAX_MEL_RECALL_DROP = 0.01
+
+
+@dataclass
+class GateResult:
+    candidate: str
+    n: int
+    top1_agreement: float
+    balanced_accuracy_fp32: float
+    balanced_accuracy_fp16: float
+    melanoma_recall_fp32: float  # at the bundle's operating threshold: the flag the clinic sees
+    melanoma_recall_fp16: float
+    melanoma_recall_argmax_fp32: float
+    melanoma_recall_argmax_fp16: float
+    max_prob_diff: float
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+
+
+def compare(reference: Engine, candidate: Engine, batch: np.ndarray, labels: np.ndarray, name: str) -> GateResult:
+    """Both engines on the same preprocessed images; the gate's verdict with the reasons it failed."""
+    p32, _ = reference.infer(batch)
+    p16, _ = candidate.infer(batch)
+    thr = reference.bundle.mel_threshold
+    cm32, cm16 = confusion(labels, p32.argmax(1)), confusion(labels, p16.argmax(1))
+    mel = labels == MEL_INDEX
+    r = GateResult(
+        candidate=name, n=len(labels),
+        top1_agreement=float((p32.argmax(1) == p16.argmax(1)).mean()),
+        balanced_accuracy_fp32=balanced_accuracy(cm32), balanced_accuracy_fp16=balanced_accuracy(cm16),
+        melanoma_recall_fp32=binary_rates(p32[:, MEL_INDEX], mel, thr)["recall"],
+        melanoma_recall_fp16=binary_rates(p16[:, MEL_INDEX], mel, thr)["recall"],
+        melanoma_recall_argmax_fp32=float(cm32[MEL_INDEX, MEL_INDEX] / max(1, cm32[MEL_INDEX].sum())),
+        melanoma_recall_argmax_fp16=float(cm16[MEL_INDEX, MEL_INDEX] / max(1, cm16[MEL_INDEX].sum())),
+        max_prob_diff=float(np.abs(p32 - p16).max()), passed=False)
+    if r.top1_agreement < MIN_TOP1_AGREEMENT:
+        r.failures.append(f"top-1 agreement {r.top1_agreement:.2%} < {MIN_TOP1_AGREEMENT:.1%}")
+    if r.balanced_accuracy_fp32 - r.balanced_accuracy_fp16 > MAX_BALANCED_ACC_DROP:
+        r.failures.append(f"balanced accuracy drops {100 * (r.balanced_accuracy_fp32 - r.balanced_accuracy_fp16):.2f} points")
+    for kind in ("", "_argmax"):
+        drop = getattr(r, f"melanoma_recall{kind}_fp32") - getattr(r, f"melanoma_recall{kind}_fp16")
+        if drop > MAX_MEL_RECALL_DROP:
+            r.failures.append(f"melanoma recall{kind.replace('_', ' at ')} drops {100 * drop:.2f} points")
+    r.passed = not r.failures
+    return r
+
+
+def write_report(results: list[GateResult], json_path: Path, extra: dict) -> None:
+    """OUT.parity.json (the first candidate's figures at top level, every candidate under `candidates`) and .md."""
+    head = asdict(results[0]) if results else {}
+    write_json(json_path, {**head, "passed": all(r.passed for r in results), **extra,
+                           "candidates": [asdict(r) for r in results]})
+    lines = ["# Conversion parity report", ""]
+    for k, v in extra.items():
+        if not isinstance(v, dict):
+            lines.append(f"- {k}: {v}")
+    for k, v in extra.get("torch_parity", {}).items():
+        lines.append(f"- PyTorch vs ONNX Runtime FP32, {k}: {v}")
+    lines += ["", "| candidate | images | top-1 agreement | balanced acc FP32 / cand. | melanoma recall at threshold FP32 / cand. "
+              "| melanoma recall at argmax FP32 / cand. | max prob diff | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.candidate} | {r.n} | {r.top1_agreement:.2%} | {r.balanced_accuracy_fp32:.4f} / "
+                     f"{r.balanced_accuracy_fp16:.4f} | {r.melanoma_recall_fp32:.4f} / {r.melanoma_recall_fp16:.4f} | "
+                     f"{r.melanoma_recall_argmax_fp32:.4f} / {r.melanoma_recall_argmax_fp16:.4f} | {r.max_prob_diff:.2e} | "
+                     f"{'PASS' if r.passed else 'FAIL: ' + '; '.join(r.failures)} |")
+    lines += ["", f"Gate: top-1 agreement >= {MIN_TOP1_AGREEMENT:.1%}, balanced accuracy within "
+              f"{100 * MAX_BALANCED_ACC_DROP:.1f} points, melanoma recall within {100 * MAX_MEL_RECALL_DROP:.0f} point.", ""]
+    write_text(json_path.with_suffix(".md"), "\n".join(lines))

@@ -1,0 +1,71 @@
+"""The model bundle: one ONNX file whose metadata carries everything inference needs.
+
+No preprocessing constant, class list, temperature or threshold lives anywhere else: training writes them
+into the bundle at conversion time, and every backend reads them from here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from engines.labels import CLASS_CODES, CLASS_NAMES, MEL_INDEX
+from engines.preprocess import PreprocessSpec
+
+METADATA_KEY = "dermedge.bundle"
+BUNDLE_VERSION = 1
+
+
+class BundleError(Exception):
+    """A model file that is not a usable DermEdge bundle; str() is one line."""
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    model_name: str
+    preprocess: PreprocessSpec
+    temperature: float = 1.0
+    mel_threshold: float = 0.5
+    classes: tuple[str, ...] = CLASS_CODES
+    class_names: dict[str, str] = field(default_factory=lambda: dict(CLASS_NAMES))
+    split_sha256: str = ""
+    validation: dict = field(default_factory=dict)  # headline validation metrics of the source run
+    has_cam: bool = False
+    precision: str = "fp32"
+    source: str = ""
+    version: int = BUNDLE_VERSION
+
+    @property
+    def mel_index(self) -> int:
+        return self.classes.index("mel")
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["preprocess"] = self.preprocess.to_dict()
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "model") -> "ModelBundle":
+        try:
+            d = json.loads(text)
+            d["preprocess"] = PreprocessSpec.from_dict(d["preprocess"])
+            d["classes"] = tuple(d["classes"])
+            b = cls(**d)
+        except (ValueError, KeyError, TypeError) as e:
+            raise BundleError(f"{where}: DermEdge metadata is malformed ({e})") from None
+        if b.version > BUNDLE_VERSION:
+            raise BundleError(f"{where}: bundle version {b.version} is newer than this runtime ({BUNDLE_VERSION})")
+        if b.classes != CLASS_CODES:
+            raise BundleError(f"{where}: model classes {list(b.classes)} differ from {list(CLASS_CODES)}")
+        return b
+
+    def metadata_props(self) -> dict[str, str]:
+        return {METADATA_KEY: self.to_json()}
+
+
+def from_metadata(props: dict[str, str], where: str) -> ModelBundle:
+    if METADATA_KEY not in props:
+        raise BundleError(f"{where}: not a DermEdge model (no {METADATA_KEY} metadata; convert it with dermconvert)")
+    return ModelBundle.from_json(props[METADATA_KEY], where)
+
+
+assert CLASS_CODES[MEL_INDEX] == "mel"

@@ -1,0 +1,85 @@
+"""The one inference interface: RGB uint8 images in, calibrated class probabilities out."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from engines.bundle import ModelBundle
+from engines.preprocess import preprocess_batch
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probs: np.ndarray  # calibrated probabilities, one per class code, summing to 1
+    label: str
+    confidence: float
+    melanoma_flag: bool  # p(mel) at or above the model's operating threshold
+    cam: np.ndarray | None = None  # class activation map of the predicted class, h x w in [0, 1]
+
+    def top(self, k: int = 3, codes: tuple[str, ...] | None = None) -> list[tuple[str, float]]:
+        from engines.labels import CLASS_CODES
+        codes = codes or CLASS_CODES
+        order = np.argsort(-self.probs)[:k]
+        return [(codes[i], float(self.probs[i])) for i in order]
+
+
+def softmax_t(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = logits.astype(np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def normalize_cam(cam: np.ndarray) -> np.ndarray:
+    lo, hi = float(cam.min()), float(cam.max())
+    return ((cam - lo) / (hi - lo) if hi > lo else np.zeros_like(cam)).astype(np.float32)
+
+
+class Engine(ABC):
+    """A loaded model on one backend. Subclasses implement `run` on a preprocessed float32 batch."""
+
+    bundle: ModelBundle
+    backend: str  # e.g. "onnxruntime:CPUExecutionProvider", "tensorrt"
+    max_batch: int = 64
+
+    @abstractmethod
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 N x 3 x S x S -> (logits N x K, cam N x K x h x w or None)."""
+
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`run` over chunks of at most max_batch images."""
+        outs = [self.run(batch[b:b + self.max_batch]) for b in range(0, len(batch), self.max_batch)]
+        logits = np.concatenate([o[0] for o in outs])
+        cam = np.concatenate([o[1] for o in outs]) if outs[0][1] is not None else None
+        return logits, cam
+
+    def infer(self, batch: np.ndarray, tta: str = "none") -> tuple[np.ndarray, np.ndarray | None]:
+        """Preprocessed batch -> (calibrated probabilities, CAM). `tta="flip"` averages the logits of the
+        image and its horizontal, vertical and double flips."""
+        logits, cam = self.forward(batch)
+        if tta == "flip":
+            views = (batch[..., ::-1], batch[..., ::-1, :], batch[..., ::-1, ::-1])
+            logits = np.mean([logits] + [self.forward(np.ascontiguousarray(v))[0] for v in views], axis=0)
+        return softmax_t(logits, self.bundle.temperature), cam
+
+    def predict(self, images: list[np.ndarray], tta: str = "none") -> list[Prediction]:
+        """RGB uint8 images of any size -> one Prediction each."""
+        if not images:
+            return []
+        probs, cam = self.infer(preprocess_batch(images, self.bundle.preprocess), tta)
+        return [self._prediction(probs[i], None if cam is None else cam[i]) for i in range(len(images))]
+
+    def predict_one(self, image: np.ndarray) -> Prediction:
+        return self.predict([image])[0]
+
+    def _prediction(self, p: np.ndarray, cam: np.ndarray | None) -> Prediction:
+        i = int(np.argmax(p))
+        codes = self.bundle.classes
+        return Prediction(probs=p, label=codes[i], confidence=float(p[i]),
+                          melanoma_flag=bool(p[self.bundle.mel_index] >= self.bundle.mel_threshold),
+                          cam=None if cam is None else normalize_cam(cam[i]))
+
+    def describe(self) -> str:
+        return f"{self.bundle.model_name} @ {self.bundle.preprocess.size}px on {self.backend}"

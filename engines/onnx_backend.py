@@ -1,0 +1,57 @@
+"""ONNX Runtime backend: CPU by default, CUDA or TensorRT execution providers where installed."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from engines.bundle import BundleError, ModelBundle, from_metadata
+from engines.engine import Engine
+
+PROVIDER_ALIASES = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+    return ort.get_available_providers()
+
+
+class OrtEngine(Engine):
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int = 0, max_batch: int = 64):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BundleError(f"{self.path}: model file not found")
+        wanted = PROVIDER_ALIASES.get(device)
+        if wanted is None:
+            raise BundleError(f"unknown ONNX Runtime device {device!r}: use {', '.join(PROVIDER_ALIASES)}")
+        have = set(available_providers())
+        providers = [p for p in wanted if p in have]
+        if wanted[0] not in have:
+            raise BundleError(f"ONNX Runtime here has no {wanted[0]} (available: {', '.join(sorted(have))})")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises several types for a bad file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BundleError(f"{self.path}: not a loadable ONNX model ({first[:200]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.bundle: ModelBundle = from_metadata(meta, str(self.path))
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.backend = f"onnxruntime:{self.session.get_providers()[0]}"
+        self.max_batch = max_batch
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        named = dict(zip(self.output_names, outs))
+        return named["logits"].astype(np.float32), named.get("cam")

@@ -55,3 +55,23 @@ def tiny_run(data_dir, split_csv, tmp_path_factory) -> Path:
     fit(tiny_config(), data_dir, split_csv, out, progress=False)
     evaluate(out, data_dir, "test", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_run, data_dir, tmp_path_factory) -> Path:
+    """The tiny run converted: model.onnx (+ model.fp16.onnx, parity report), gated on 120 validation images."""
+    from dermconvert.pipeline import convert
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    res = convert(tiny_run, out, fp16=True, data=data_dir, limit=120, log=lambda *_: None)
+    assert res.onnx.is_file()
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_images(records) -> list[Path]:
+    """Twelve real HAM10000 images, at least one of every class."""
+    from engines.labels import CLASS_CODES
+    picked = []
+    for c in CLASS_CODES:
+        picked += [r.path for r in records if r.dx == c][:2]
+    return picked[:14]

@@ -1,0 +1,108 @@
+"""`dermbench FOLDER`: on the same real images and model, pure inference images/s, dermscan end-to-end
+images/s, and a naive PyTorch eager loop over the same timm model. Ends with one JSON line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def pure_inference(engine, batch: np.ndarray, bs: int) -> float:
+    engine.infer(batch[:bs])  # warm-up: ORT allocates and plans on the first run
+    t0 = time.perf_counter()
+    for i in range(0, len(batch), bs):
+        engine.infer(batch[i:i + bs])
+    return len(batch) / (time.perf_counter() - t0)
+
+
+def scan_end_to_end(files: list[Path], folder: Path, engine, bs: int) -> float:
+    from engines.scan.results import ResultsWriter
+    from engines.scan.scanner import scan
+
+    with tempfile.TemporaryDirectory() as d:
+        w = ResultsWriter(Path(d) / "r.csv", resume=False)
+        t0 = time.perf_counter()
+        scan(files, folder, engine, w, bs, progress=False)
+        dt = time.perf_counter() - t0
+        w.close()
+    return len(files) / dt
+
+
+def torch_eager(files: list[Path], model_name: str, size: int, threads: int) -> float | str:
+    """What a research script does: per image, PIL decode, torchvision transforms, model(x[None]) in fp32."""
+    try:
+        import timm
+        import torch
+        from PIL import Image
+        from torchvision import transforms as T
+    except ImportError as e:
+        return f"PyTorch not installed ({e.name})"
+    if threads:
+        torch.set_num_threads(threads)
+    model = timm.create_model(model_name, num_classes=7).eval()
+    tf = T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+        t0 = time.perf_counter()
+        for f in files:
+            x = tf(Image.open(f).convert("RGB"))
+            model(x[None]).softmax(1)
+    return len(files) / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engines.bundle import BundleError
+    from engines.imageio import load_rgb
+    from engines.preprocess import preprocess_batch
+    from engines.scan.discover import find_images
+    from engines.select import open_engine
+
+    ap = argparse.ArgumentParser(prog="dermbench", description=__doc__)
+    ap.add_argument("folder")
+    ap.add_argument("--limit", type=int, default=512)
+    ap.add_argument("--model", help="ONNX bundle or shipped name (default: the shipped default)")
+    ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
+    a = ap.parse_args(argv)
+    folder = Path(a.folder)
+    if not folder.is_dir():
+        print(f"dermbench: error: {folder}: folder not found", file=sys.stderr)
+        return 2
+    try:
+        engine = open_engine(a.model, a.backend, a.threads, a.batch).engine
+    except BundleError as e:
+        print(f"dermbench: error: {e}", file=sys.stderr)
+        return 2
+    files = find_images(folder)[0][:a.limit]
+    spec = engine.bundle.preprocess
+    print(f"dermbench: {len(files)} images of {folder}, {engine.describe()}, batch {a.batch}, {os.cpu_count()} cores")
+    batch = preprocess_batch([load_rgb(f) for f in files], spec)
+    pure = pure_inference(engine, batch, a.batch)
+    print(f"pure inference (preprocessed, in memory): {pure:.1f} images/s")
+    e2e = scan_end_to_end(files, folder, engine, a.batch)
+    print(f"dermscan end to end (decode, preprocess, infer, CSV): {e2e:.1f} images/s ({100 * e2e / pure:.0f}% of pure)")
+    eager = "skipped" if a.no_torch else torch_eager(files[:min(len(files), 256)], engine.bundle.model_name, spec.size,
+                                                      a.threads)
+    if isinstance(eager, float):
+        print(f"naive PyTorch eager loop (batch 1, fp32): {eager:.1f} images/s (dermscan is {e2e / eager:.1f}x)")
+    else:
+        print(f"naive PyTorch eager loop: {eager}")
+    print(json.dumps({"model": engine.bundle.model_name, "input_size": spec.size, "backend": engine.backend,
+                      "images": len(files), "batch": a.batch, "pure_images_per_s": round(pure, 2),
+                      "scan_images_per_s": round(e2e, 2),
+                      "torch_eager_images_per_s": round(eager, 2) if isinstance(eager, float) else None,
+                      "scan_over_pure": round(e2e / pure, 3),
+                      "scan_over_torch_eager": round(e2e / eager, 2) if isinstance(eager, float) else None}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

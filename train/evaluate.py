@@ -86,21 +86,24 @@ def evaluate(run_dir: Path, data_dir: Path, split_name: str = "test", target_sen
         "validation": {k: val_sum[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}
                       | {"mel_recall": val_sum["per_class"]["mel"]},
     }
-    write_json(run.root / "metrics.json", metrics)
+    # Test-time-augmented evaluations sit beside the plain one instead of replacing it; the calibration shipped
+    # with the model is the plain one, always fitted on validation.
+    tag = "" if tta == "none" else f"_{tta}"
+    write_json(run.root / f"metrics{tag}.json", metrics)
     if split_name != "test":
-        write_json(run.root / f"metrics_{split_name}.json", metrics)
-    # The calibration belongs to the model, not to the split it was reported on: it is always fitted on val.
-    write_json(run.root / "calibration.json", {"temperature": temperature, "mel_threshold": threshold,
-                                              "target_sensitivity": target_sensitivity, "tta": tta,
-                                              "validation": metrics["validation"]})
-    with atomic_path(run.root / f"logits_{split_name}.npz") as tmp:
+        write_json(run.root / f"metrics_{split_name}{tag}.json", metrics)
+    if tta == "none":
+        write_json(run.root / "calibration.json", {"temperature": temperature, "mel_threshold": threshold,
+                                                  "target_sensitivity": target_sensitivity,
+                                                  "validation": metrics["validation"]})
+    with atomic_path(run.root / f"logits_{split_name}{tag}.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, logits=logits, labels=y, val_logits=val_logits, val_labels=val_y)
-    confusion_matrix_png(np.array(s["confusion_matrix"]), run.root / "confusion_matrix.png",
-                         f"{cfg.model} @ {spec.size}px, {split_name} split (n={s['n']})")
+    confusion_matrix_png(np.array(s["confusion_matrix"]), run.root / f"confusion_matrix{tag}.png",
+                         f"{cfg.model} @ {spec.size}px, {split_name} split (n={s['n']}){', TTA ' + tta if tag else ''}")
     if state.get("history"):
         training_curves_png(state["history"], cfg.phase1.epochs, run.curves)
-    write_text(run.root / "report.md", render_report(metrics))
+    write_text(run.root / f"report{tag}.md", render_report(metrics, tag))
     return metrics
 
 
@@ -108,7 +111,7 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
-def render_report(m: dict) -> str:
+def render_report(m: dict, tag: str = "") -> str:
     mel_a, mel_t = m["melanoma"]["argmax"], m["melanoma"]["threshold"]
     lines = [
         f"# Evaluation: {m['model']} @ {m['img_size']} px on the {m['split']} split",
@@ -147,7 +150,7 @@ def render_report(m: dict) -> str:
         f"On this split it catches {mel_t['tp']} of {mel_t['tp'] + mel_t['fn']} melanomas and flags "
         f"{mel_t['fp']} of {mel_t['fp'] + mel_t['tn']} non-melanomas.",
         "",
-        "![confusion matrix](confusion_matrix.png)",
+        f"![confusion matrix](confusion_matrix{tag}.png)",
         "",
         "![training curves](training_curves.png)",
         "",

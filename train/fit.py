@@ -143,6 +143,8 @@ def _fit(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, resu
         raise ResumeError(f"{run.root}: already holds a run; pass --resume to continue it or pick a new --out")
 
     spec = preprocess_spec(cfg)
+    torch.manual_seed(cfg.seed)  # the model first: a bad name or missing weights fail before any file is written
+    model = create_model(cfg.model, cfg.pretrained, cfg.init, cfg.drop_rate, cfg.drop_path_rate).to(device)
     records = load_records(data_dir)
     rows = read_manifest(split_path)
     train_recs = select(rows, records, "train", cfg.limit, cfg.seed)
@@ -163,8 +165,6 @@ def _fit(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, resu
     train_x, train_y = build_cache(train_recs, spec, "caching train", progress)
     val_x, val_y = build_cache(val_recs, spec, "caching val", progress) if info.main else (None, None)
 
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, cfg.pretrained, cfg.init, cfg.drop_rate, cfg.drop_path_rate).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = FocalLoss(cfg.focal_gamma, cfg.focal_alpha).to(device)

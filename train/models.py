@@ -23,7 +23,18 @@ def create_model(name: str, pretrained: bool = False, init: str | None = None,
     kwargs = dict(num_classes=len(CLASS_CODES), drop_rate=drop_rate)
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
-    model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise InitError(f"unknown timm model {name!r}") from None
+        raise
+    except Exception as e:  # noqa: BLE001 - hub downloads fail in many ways offline
+        if not pretrained:
+            raise
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InitError(f"cannot fetch ImageNet weights for {name} from the hub ({first}); "
+                        f"use --init FILE with local weights") from None
     if init:
         load_init(model, init)
     return model

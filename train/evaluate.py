@@ -84,7 +84,9 @@ def evaluate(run_dir: Path, data_dir: Path, split_name: str = "test", target_sen
                             "chosen_on": "val", "val_recall": val_sum["melanoma"]["threshold"]["recall"],
                             "val_specificity": val_sum["melanoma"]["threshold"]["specificity"]},
         "validation": {k: val_sum[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}
-                      | {"mel_recall": val_sum["per_class"]["mel"]},
+                      | {"mel_recall": val_sum["per_class"]["mel"],
+                         "mel_recall_at_threshold": val_sum["melanoma"]["threshold"]["recall"],
+                         "mel_specificity_at_threshold": val_sum["melanoma"]["threshold"]["specificity"]},
     }
     # Test-time-augmented evaluations sit beside the plain one instead of replacing it; the calibration shipped
     # with the model is the plain one, always fitted on validation.

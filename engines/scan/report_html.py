@@ -18,6 +18,13 @@ from engines.scan.results import Row
 MAX_THUMBNAILS = 1500  # beyond this the report would weigh tens of MB; suspects get theirs first
 THUMB = 72
 
+VALIDATION_LABELS = {
+    "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
+    "mel_recall_at_threshold": "melanoma recall at the threshold",
+    "mel_specificity_at_threshold": "melanoma specificity at the threshold",
+    "mel_recall": "melanoma recall at argmax",
+}
+
 NOTICE = ("Decision support, not a diagnosis. Every result must be reviewed by a qualified clinician; "
           "a lesion that is not flagged can still be a melanoma.")
 
@@ -84,9 +91,9 @@ def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, mod
             f"{e(model_path)}</td></tr><tr><td>backend</td><td>{e(backend)}</td></tr>",
             f"<tr><td>melanoma operating threshold</td><td>{bundle.mel_threshold:.4f} (chosen on validation for "
             f"&ge;90% melanoma sensitivity)</td></tr><tr><td>temperature</td><td>{bundle.temperature:.3f}</td></tr>"]
-    for k in ("accuracy", "balanced_accuracy", "mel_recall"):
+    for k, label in VALIDATION_LABELS.items():
         if k in v:
-            out.append(f"<tr><td>validation {k.replace('_', ' ')}</td><td>{_fmt(v[k])}</td></tr>")
+            out.append(f"<tr><td>validation {label}</td><td>{_fmt(v[k])}</td></tr>")
     out.append(f"<tr><td>split manifest</td><td>{e(bundle.split_sha256[:12])}</td></tr></table>")
     out += ["<h2>Results</h2>",
             f"<p>Melanoma suspects first, then by p(mel). Click a column to sort. "

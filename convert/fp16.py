@@ -1,5 +1,6 @@
-"""FP16 ONNX: weights and most arithmetic in half precision; inputs, outputs, LayerNormalization, reductions,
-softmax and powers stay in float32 (ConvNeXt's LayerNorm variance overflows in FP16).
+"""FP16 ONNX: weights and most arithmetic in half precision; inputs, outputs, LayerNormalization, reductions
+(global pooling included), softmax, powers and the output layers stay in float32 (ConvNeXt's LayerNorm
+variance overflows in FP16).
 
 A small converter of our own: each node runs wholly in float16 or wholly in float32, and a Cast is put on
 every float tensor that crosses between the two. Non-float tensors (shapes, indices) are never touched.
@@ -11,11 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from engines.bundle import ModelBundle
+from engines.precision import fp16_unsafe
 from engines.fsutil import atomic_path
 
 FP32_OPS = frozenset({"LayerNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2",
-                      "ReduceLogSumExp", "Softmax", "LogSoftmax", "Pow", "Sqrt", "Cast", "Resize",
-                      "InstanceNormalization", "GroupNormalization"})
+                      "ReduceLogSumExp", "GlobalAveragePool", "Softmax", "LogSoftmax", "Pow", "Sqrt", "Cast",
+                      "Resize", "InstanceNormalization", "GroupNormalization"})
 
 
 def to_fp16(model, fp32_ops: frozenset[str] = FP32_OPS):
@@ -68,9 +70,15 @@ def to_fp16(model, fp32_ops: frozenset[str] = FP32_OPS):
                                        and all(i in shape_derived or i in inits for i in ins)):
             shape_derived.update(node.output)
 
+    # The layers that produce the outputs (the classifier, the activation map) stay float32 too: near-ties
+    # between two classes are decided there, and they cost little.
+    graph_outputs = {o.name for o in g.output}
     for node in nodes:
         on_shapes = any(i in shape_derived and dtype.get(i) == FLOAT for i in node.input)
-        want = FLOAT if node.op_type in fp32_ops or on_shapes else HALF
+        is_head = any(o in graph_outputs for o in node.output)
+        unrepresentable = any(i in inits and dtype.get(i) == FLOAT and fp16_unsafe(numpy_helper.to_array(inits[i]))
+                              for i in node.input)
+        want = FLOAT if node.op_type in fp32_ops or on_shapes or is_head or unrepresentable else HALF
         for i, name in enumerate(node.input):
             if name and dtype.get(name) == FLOAT:
                 node.input[i] = as_type(name, want)

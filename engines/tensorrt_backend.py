@@ -18,6 +18,7 @@ import numpy as np
 from engines.bundle import BundleError, ModelBundle, from_metadata
 from engines.engine import Engine
 from engines.fsutil import atomic_path, write_json
+from engines.precision import fp16_unsafe
 
 # Layers that overflow or lose too much in FP16 (ConvNeXt's LayerNorm variance above all): kept in FP32.
 FP32_LAYER_TYPES = ("NORMALIZATION", "REDUCE", "SOFTMAX")
@@ -131,6 +132,17 @@ def expected_info(onnx_path: Path, precision: str, opt_batches: tuple[int, ...],
                       max_batch, input_size, platform.node())
 
 
+def _kernel_unsafe(layer, trt) -> bool:
+    """Convolution weights FP16 cannot hold (the same rule as the FP16 ONNX); False when TensorRT keeps the
+    weights elsewhere (a constant input) and the kernel is not readable here."""
+    try:
+        layer.__class__ = trt.IConvolutionLayer
+        kernel = layer.kernel
+        return kernel is not None and kernel.size > 0 and fp16_unsafe(kernel.numpy())
+    except Exception:  # noqa: BLE001 - optional refinement, never a build failure
+        return False
+
+
 def _pin_fp32(network, trt) -> int:
     pinned = 0
     types = {getattr(trt.LayerType, t) for t in FP32_LAYER_TYPES if hasattr(trt.LayerType, t)}
@@ -139,7 +151,9 @@ def _pin_fp32(network, trt) -> int:
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         keep = layer.type in types
-        if layer.type == trt.LayerType.ELEMENTWISE:
+        if layer.type == trt.LayerType.CONVOLUTION:
+            keep = _kernel_unsafe(layer, trt)
+        elif layer.type == trt.LayerType.ELEMENTWISE:
             layer.__class__ = trt.IElementWiseLayer
             keep = layer.op in ew_ops
         elif layer.type == trt.LayerType.UNARY:

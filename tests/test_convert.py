@@ -34,7 +34,7 @@ def test_fp16_keeps_layernorm_in_float32_and_passes_gate(tiny_onnx):
     fp16 = tiny_onnx.with_name("model.fp16.onnx")
     ops = op_precisions(fp16)
     assert ops["LayerNormalization"] == "float32"
-    assert ops["Conv"] == "float16"
+    assert "float16" in ops["Conv"] and ops["Gemm"] == "float32"  # body in half, classifier in float
     proto = onnx.load(str(fp16))
     assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in [*proto.graph.input, *proto.graph.output])
     rep = json.loads(tiny_onnx.with_name("model.parity.json").read_text())

@@ -31,7 +31,9 @@ def test_threshold_reaches_target_sensitivity():
     pos = rng.random(500) < 0.2
     t = threshold_for_sensitivity(p, pos, 0.9)
     assert (p[pos] >= t).mean() >= 0.9
-    assert (p[pos] > t).mean() < 0.9  # no higher threshold would do
+    kth = np.sort(p[pos])[::-1][int(np.ceil(0.9 * pos.sum())) - 1]
+    assert (p[pos] > kth).mean() < 0.9  # no higher threshold would do
+    assert t < kth and not np.any((p >= t) & (p < kth))  # no image sits between t and the k-th positive
 
 
 def test_temperature_lowers_nll_of_overconfident_logits():

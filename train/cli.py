@@ -62,13 +62,14 @@ def cmd_eval(a) -> int:
     m = evaluate(Path(a.run_dir), resolve_data_dir(a.data), a.split_name, a.target_sensitivity, a.tta, a.limit,
                  progress=not a.quiet)
     mel = m["melanoma"]
+    suffix = "" if a.tta == "none" else f"_{a.tta}"
     print(f"{m['split']}: n={m['n']} accuracy {m['accuracy']:.4f} balanced accuracy {m['balanced_accuracy']:.4f} "
           f"macro F1 {m['macro_f1']:.4f}")
     print(f"melanoma recall/specificity: argmax {mel['argmax']['recall']:.3f}/{mel['argmax']['specificity']:.3f}, "
           f"p(mel) >= {mel['threshold']['threshold']:.4f}: {mel['threshold']['recall']:.3f}/"
           f"{mel['threshold']['specificity']:.3f}")
     print(f"ECE {m['calibration']['ece_before']:.4f} -> {m['calibration']['ece_after']:.4f} "
-          f"(T={m['calibration']['temperature']:.3f}); wrote {a.run_dir}/metrics.json, report.md")
+          f"(T={m['calibration']['temperature']:.3f}); wrote {a.run_dir}/metrics{suffix}.json")
     return 0
 
 

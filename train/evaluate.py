@@ -1,6 +1,7 @@
 """`dermtrain eval`: the clinical evaluation of a run on one split, written into the run folder."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -103,8 +104,9 @@ def evaluate(run_dir: Path, data_dir: Path, split_name: str = "test", target_sen
             np.savez(f, logits=logits, labels=y, val_logits=val_logits, val_labels=val_y)
     confusion_matrix_png(np.array(s["confusion_matrix"]), run.root / f"confusion_matrix{tag}.png",
                          f"{cfg.model} @ {spec.size}px, {split_name} split (n={s['n']}){', TTA ' + tta if tag else ''}")
-    if state.get("history"):
-        training_curves_png(state["history"], cfg.phase1.epochs, run.curves)
+    history = json.loads(run.history.read_text()) if run.history.is_file() else state.get("history")
+    if history:  # the whole run, not just up to the best checkpoint
+        training_curves_png(history, cfg.phase1.epochs, run.curves)
     write_text(run.root / f"report{tag}.md", render_report(metrics, tag))
     return metrics
 

@@ -275,7 +275,8 @@ def _load_resume(run: RunFiles, cfg: TrainConfig, split_hash: str) -> dict:
         raise ResumeError(f"{run.last}: was trained on another split manifest (sha256 differs)")
     saved = json.loads(json.dumps(state["config"]))
     now = json.loads(json.dumps(cfg.to_dict()))
-    diff = sorted(k for k in now if now[k] != saved.get(k) and k not in ("phase1", "phase2"))
+    # A resumed run may get more epochs or another thread count; anything else would be a different run.
+    diff = sorted(k for k in now if now[k] != saved.get(k) and k not in ("phase1", "phase2", "threads"))
     if diff:
         raise ResumeError(f"{run.last}: the config differs from the saved run in {', '.join(diff)}")
     return state

@@ -97,13 +97,19 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
 
 
 def threshold_for_sensitivity(p_pos: np.ndarray, positive: np.ndarray, target: float = 0.90) -> float:
-    """The highest threshold t with recall(p >= t) >= target: the most specific operating point that
-    still catches the target share of the positives."""
-    scores = np.sort(p_pos[positive.astype(bool)])[::-1]
+    """The most specific threshold t with recall(p >= t) >= target.
+
+    t sits halfway between the k-th highest positive score and the next lower score of any image, so that no
+    image lies on the threshold: numeric noise between backends (PyTorch, ONNX Runtime, FP16) cannot flip
+    a validation decision."""
+    pos = positive.astype(bool)
+    scores = np.sort(p_pos[pos])[::-1]
     if len(scores) == 0:
         return 0.5
     k = max(1, math.ceil(target * len(scores)))
-    return float(scores[k - 1])
+    top = float(scores[k - 1])
+    below = p_pos[p_pos < top]
+    return (top + float(below.max())) / 2 if len(below) else top
 
 
 def binary_rates(p_pos: np.ndarray, positive: np.ndarray, threshold: float) -> dict:

@@ -22,8 +22,7 @@ def available_providers() -> list[str]:
 
 
 class OrtEngine(Engine):
-    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int = 0, max_batch: int = 64,
-                 spin: bool = True):
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int = 0, max_batch: int = 64):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -40,9 +39,6 @@ class OrtEngine(Engine):
         if threads:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not spin:
-            # Idle intra-op threads sleep instead of spinning, leaving the cores to the decode workers.
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
         except Exception as e:  # noqa: BLE001 - ORT raises several types for a bad file

@@ -51,7 +51,7 @@ class Choice:
 
 
 def open_engine(model: str | os.PathLike | None = None, backend: str = "auto", threads: int = 0,
-                max_batch: int = 64, spin: bool = True) -> Choice:
+                max_batch: int = 64) -> Choice:
     """Load `model` on `backend`. auto: TensorRT when a matching engine and GPU exist, then ONNX Runtime on
     the GPU, then the CPU."""
     from engines.onnx_backend import OrtEngine, available_providers
@@ -69,7 +69,7 @@ def open_engine(model: str | os.PathLike | None = None, backend: str = "auto", t
         except TensorRTError as e:
             raise BundleError(str(e)) from None
     if backend in ("cpu", "cuda", "ort-trt"):
-        return Choice(OrtEngine(path, backend, threads, max_batch, spin), f"{backend} requested")
+        return Choice(OrtEngine(path, backend, threads, max_batch), f"{backend} requested")
 
     reasons = []
     from engines.tensorrt_backend import TensorRTError, trt_unavailable
@@ -87,6 +87,6 @@ def open_engine(model: str | os.PathLike | None = None, backend: str = "auto", t
     else:
         reasons.append(why)
     if "CUDAExecutionProvider" in available_providers():
-        return Choice(OrtEngine(path, "cuda", threads, max_batch, spin), "ONNX Runtime on CUDA; " + "; ".join(reasons))
+        return Choice(OrtEngine(path, "cuda", threads, max_batch), "ONNX Runtime on CUDA; " + "; ".join(reasons))
     reasons.append("ONNX Runtime has no CUDA provider here")
-    return Choice(OrtEngine(path, "cpu", threads, max_batch, spin), "CPU; " + "; ".join(reasons))
+    return Choice(OrtEngine(path, "cpu", threads, max_batch), "CPU; " + "; ".join(reasons))

@@ -168,3 +168,18 @@ def test_scripted_run_prints_json_and_saves_screenshot(tiny_onnx, sample_images,
     assert out["display_fps"] > 5 and out["latency_p95_ms"] < 1000
     assert shot.stat().st_size > 10_000
     assert "Traceback" not in r.stderr and "QThread" not in r.stderr
+
+
+def test_a_long_session_does_not_leak_references_to_none(qapp, engine, sample_images, tmp_path):
+    """PySide6 6.12.0 dropped a reference to None on every void call: the viewer died after ~8,000 calls.
+    A live session makes dozens of such calls a frame, so the balance must hold over many frames."""
+    video = make_video(tmp_path / "v.avi", sample_images[:2], 30)
+    win = make_window(engine, video, tmp_path, source_fps=120)
+    try:
+        assert wait_until(qapp, lambda: win.result is not None)
+        before = sys.getrefcount(None)
+        n = win.run_stats.count.get("display", 0)
+        assert wait_until(qapp, lambda: win.run_stats.count.get("display", 0) >= n + 150, 30)
+        assert sys.getrefcount(None) - before > -200, "references to None are being lost: check the PySide6 version"
+    finally:
+        win.close()

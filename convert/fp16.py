@@ -21,7 +21,7 @@ FP32_OPS = frozenset({"LayerNormalization", "ReduceMean", "ReduceSum", "ReduceSu
 
 
 def to_fp16(model, fp32_ops: frozenset[str] = FP32_OPS):
-    import onnx
+    """An FP32 ModelProto -> its mixed-precision version (see the module docstring)."""
     from onnx import TensorProto, helper, numpy_helper, shape_inference
 
     model = shape_inference.infer_shapes(model)

@@ -1,7 +1,6 @@
 """Snapshots: the frame as PNG plus a JSON of what the model said about it, each file complete or absent."""
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,6 +35,3 @@ def save_snapshot(folder: Path, rgb: np.ndarray, result: Result | None, classes:
     write_json(meta, info)
     return png, meta
 
-
-def load_snapshot_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -145,7 +145,6 @@ class CaptureThread(threading.Thread):
         self.step_request = 0
         self.lock = threading.Lock()
         self.index = 0
-        self.delivered = 0
 
     def request_step(self, delta: int) -> None:
         with self.lock:
@@ -189,7 +188,6 @@ class CaptureThread(threading.Thread):
             self.index += 1
             self.frames.put(Frame(rgb, time.perf_counter(), self.index, self.source_name,
                                   src.name if isinstance(src, StillSource) else ""))
-            self.delivered += 1
             if src.period:
                 next_t += src.period
                 delay = next_t - time.perf_counter()

@@ -18,12 +18,6 @@ class Prediction:
     melanoma_flag: bool  # p(mel) at or above the model's operating threshold
     cam: np.ndarray | None = None  # class activation map of the predicted class, h x w in [0, 1]
 
-    def top(self, k: int = 3, codes: tuple[str, ...] | None = None) -> list[tuple[str, float]]:
-        from engines.labels import CLASS_CODES
-        codes = codes or CLASS_CODES
-        order = np.argsort(-self.probs)[:k]
-        return [(codes[i], float(self.probs[i])) for i in order]
-
 
 def softmax_t(logits: np.ndarray, temperature: float) -> np.ndarray:
     z = logits.astype(np.float64) / temperature

@@ -6,7 +6,7 @@ resize policy, scaled to [0, 1], normalised by mean/std. Training caches the res
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np

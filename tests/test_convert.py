@@ -5,10 +5,10 @@ import onnx
 import pytest
 import torch
 
-from dermconvert.export import ConvertError, export_onnx, torch_parity
+from dermconvert.export import export_onnx, torch_parity
 from dermconvert.fp16 import op_precisions
 from dermconvert.gate import compare
-from dermconvert.pipeline import convert, validation_batch
+from dermconvert.pipeline import validation_batch
 from dermtrain.models import create_model
 from engines.bundle import ModelBundle, BundleError
 from engines.onnx_backend import OrtEngine

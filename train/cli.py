@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-from engines.labels import CLASS_CODES
 
 
 def _add_data(p: argparse.ArgumentParser) -> None:

@@ -45,14 +45,6 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def broadcast_flag(info: DistInfo, value: bool) -> bool:
-    if not info.enabled:
-        return value
-    t = torch.tensor([1 if value else 0])
-    dist.broadcast(t, 0)
-    return bool(t.item())
-
-
 def all_reduce_sum(info: DistInfo, values: list[float]) -> list[float]:
     if not info.enabled:
         return values

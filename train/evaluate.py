@@ -18,7 +18,7 @@ from dermtrain.models import create_model
 from dermtrain.plots import confusion_matrix_png
 from dermtrain.splits import manifest_sha256, read_manifest, select
 from engines.fsutil import atomic_path, write_json, write_text
-from engines.labels import CLASS_CODES, MEL_INDEX, class_name
+from engines.labels import MEL_INDEX, class_name
 from engines.preprocess import PreprocessSpec
 
 

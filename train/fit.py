@@ -27,7 +27,7 @@ from dermtrain.models import create_model, default_norm, set_trainable, train_mo
 from dermtrain.plots import training_curves_png
 from dermtrain.splits import manifest_sha256, read_manifest, select
 from engines.fsutil import atomic_path, write_json
-from engines.labels import CLASS_CODES, MEL_INDEX
+from engines.labels import CLASS_CODES
 from engines.preprocess import PreprocessSpec, normalize
 
 

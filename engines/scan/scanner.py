@@ -5,7 +5,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +19,11 @@ from engines.scan.results import ResultsWriter, Row, one_line
 
 @dataclass
 class ScanStats:
-    total: int = 0  # images in the folder
-    skipped: int = 0  # already in the results (resume)
+    total: int = 0  # images to scan in this run
     ok: int = 0
     errors: int = 0
     flagged: int = 0
     seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:

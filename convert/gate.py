@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dermtrain.metrics import balanced_accuracy, binary_rates, confusion
+from dermtrain.metrics import balanced_accuracy, binary_rates, confusion, melanoma_at_argmax
 from engines.engine import Engine
 from engines.fsutil import write_json, write_text
 from engines.labels import MEL_INDEX
@@ -46,8 +46,8 @@ def compare(reference: Engine, candidate: Engine, batch: np.ndarray, labels: np.
         balanced_accuracy_fp32=balanced_accuracy(cm32), balanced_accuracy_fp16=balanced_accuracy(cm16),
         melanoma_recall_fp32=binary_rates(p32[:, MEL_INDEX], mel, thr)["recall"],
         melanoma_recall_fp16=binary_rates(p16[:, MEL_INDEX], mel, thr)["recall"],
-        melanoma_recall_argmax_fp32=float(cm32[MEL_INDEX, MEL_INDEX] / max(1, cm32[MEL_INDEX].sum())),
-        melanoma_recall_argmax_fp16=float(cm16[MEL_INDEX, MEL_INDEX] / max(1, cm16[MEL_INDEX].sum())),
+        melanoma_recall_argmax_fp32=melanoma_at_argmax(cm32)["recall"],
+        melanoma_recall_argmax_fp16=melanoma_at_argmax(cm16)["recall"],
         max_prob_diff=float(np.abs(p32 - p16).max()), passed=False)
     if r.top1_agreement < MIN_TOP1_AGREEMENT:
         r.failures.append(f"top-1 agreement {r.top1_agreement:.2%} < {MIN_TOP1_AGREEMENT:.1%}")

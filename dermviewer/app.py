@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from PySide6.QtCore import Qt, QTimer
@@ -106,11 +107,12 @@ class ViewerWindow(QMainWindow):
         buttons = [("Freeze (Space)", self.toggle_freeze), ("Snapshot (S)", self.snapshot),
                    ("Open image / folder (O)", self.open_dialog), ("Camera… (C)", self.pick_camera),
                    ("Retry source (R)", self.retry)]
-        for text, slot in buttons:
+        for i, (text, slot) in enumerate(buttons):
             b = QPushButton(text)
             b.clicked.connect(slot)
             side.addWidget(b)
-        self.freeze_button = side.itemAt(side.count() - len(buttons)).widget()
+            if i == 0:
+                self.freeze_button = b
         side.addStretch(1)
         notice = QLabel(f"<b>{NOTICE}</b>")
         notice.setWordWrap(True)
@@ -205,11 +207,10 @@ class ViewerWindow(QMainWindow):
         seq, st = self.status.peek()
         if seq != self.seen["status"]:
             self.seen["status"] = seq
-            self.view.message = "" if st.ok and st.message.endswith(" open") else (
-                st.message if st.ok else f"{st.message} — retrying; press R to retry now or O/C for another source")
-            if st.ok and not st.message.endswith(" open"):
+            self.view.message = "" if st.ok else (
+                f"{st.message} — retrying; press R to retry now or O/C for another source")
+            if st.notice:
                 self.statusBar().showMessage(st.message, 5000)
-                self.view.message = ""
         if self.frozen:
             return
         changed = new_frame = False
@@ -220,7 +221,8 @@ class ViewerWindow(QMainWindow):
             self.infer_rate.tick()
             self.run_stats.event("inference")
             self.run_stats.latencies.append(res.latency_ms)
-            self.view.set_result(res if self.worker.heatmap else res.__class__(**{**res.__dict__, "heat_rgba": None}))
+            # a result computed just before the heat map was switched off must not bring it back
+            self.view.set_result(res if self.worker.heatmap else replace(res, heat_rgba=None))
             self._show_result(res)
             changed = True
         seq, frame = self.frames.peek()

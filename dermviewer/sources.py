@@ -29,6 +29,7 @@ class Frame:
 class SourceStatus:
     ok: bool
     message: str
+    notice: bool = False  # a passing remark (an image skipped) rather than a change of state
 
 
 class SourceError(Exception):
@@ -184,7 +185,7 @@ class CaptureThread(threading.Thread):
                 src.step(delta)
             rgb = src.read()
             if isinstance(src, StillSource) and src.skipped:
-                self.status.put(SourceStatus(True, "skipped unreadable image: " + src.skipped.pop()))
+                self.status.put(SourceStatus(True, "skipped unreadable image: " + src.skipped.pop(), notice=True))
             self.index += 1
             self.frames.put(Frame(rgb, time.perf_counter(), self.index, self.source_name,
                                   src.name if isinstance(src, StillSource) else ""))

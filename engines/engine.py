@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engines.bundle import ModelBundle
-from engines.preprocess import preprocess_batch
+from engines.preprocess import flip_views, preprocess_batch
 
 
 @dataclass(frozen=True)
@@ -19,11 +19,12 @@ class Prediction:
     cam: np.ndarray | None = None  # class activation map of the predicted class, h x w in [0, 1]
 
 
-def softmax_t(logits: np.ndarray, temperature: float) -> np.ndarray:
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Temperature-scaled softmax over classes, in float64 (training metrics and every backend share it)."""
     z = logits.astype(np.float64) / temperature
     z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def normalize_cam(cam: np.ndarray) -> np.ndarray:
@@ -54,9 +55,9 @@ class Engine(ABC):
         image and its horizontal, vertical and double flips."""
         logits, cam = self.forward(batch)
         if tta == "flip":
-            views = (batch[..., ::-1], batch[..., ::-1, :], batch[..., ::-1, ::-1])
-            logits = np.mean([logits] + [self.forward(np.ascontiguousarray(v))[0] for v in views], axis=0)
-        return softmax_t(logits, self.bundle.temperature), cam
+            flipped = flip_views(batch)[1:]
+            logits = np.mean([logits] + [self.forward(np.ascontiguousarray(v))[0] for v in flipped], axis=0)
+        return softmax(logits, self.bundle.temperature).astype(np.float32), cam
 
     def predict(self, images: list[np.ndarray], tta: str = "none") -> list[Prediction]:
         """RGB uint8 images of any size -> one Prediction each."""

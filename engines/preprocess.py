@@ -74,6 +74,11 @@ def normalize(resized: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return out[0] if single else out
 
 
+def flip_views(x: np.ndarray, h_axis: int = -2, w_axis: int = -1) -> list[np.ndarray]:
+    """The test-time views, the same in evaluation and in dermscan: identity, horizontal, vertical, both flips."""
+    return [x, np.flip(x, w_axis), np.flip(x, h_axis), np.flip(x, (h_axis, w_axis))]
+
+
 def preprocess(rgb: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """One RGB uint8 image -> float32 3 x size x size, ready for the model."""
     return normalize(resize_for_model(rgb, spec), spec)

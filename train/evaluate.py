@@ -19,7 +19,7 @@ from dermtrain.plots import confusion_matrix_png
 from dermtrain.splits import manifest_sha256, read_manifest, select
 from engines.fsutil import atomic_path, write_json, write_text
 from engines.labels import MEL_INDEX, class_name
-from engines.preprocess import PreprocessSpec
+from engines.preprocess import PreprocessSpec, flip_views
 
 
 class EvalError(Exception):
@@ -42,9 +42,7 @@ def load_run_model(run_dir: Path, which: str = "best"):
 def tta_logits(model, images_u8: np.ndarray, spec: PreprocessSpec, tta: str, batch: int = 128) -> np.ndarray:
     """Mean logits over the test-time views: none, or `flip` (identity, horizontal, vertical, both)."""
     dev = torch.device("cpu")
-    views = [images_u8]
-    if tta == "flip":
-        views += [images_u8[:, :, ::-1], images_u8[:, ::-1, :], images_u8[:, ::-1, ::-1]]
+    views = flip_views(images_u8, h_axis=1, w_axis=2) if tta == "flip" else [images_u8]
     outs = [predict_logits(model, np.ascontiguousarray(v), spec, dev, batch, None, False) for v in views]
     return np.mean(outs, axis=0)
 

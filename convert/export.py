@@ -69,6 +69,7 @@ def bundle_for_run(run_dir: Path, state: dict, spec: PreprocessSpec, has_cam: bo
     return ModelBundle(model_name=state["config"]["model"], preprocess=spec,
                        temperature=float(cal.get("temperature", 1.0)),
                        mel_threshold=float(cal.get("mel_threshold", 0.5)),
+                       mel_thresholds={k: float(v) for k, v in cal.get("mel_thresholds", {}).items()},
                        split_sha256=state.get("split_sha256", ""), validation=cal.get("validation", {}),
                        has_cam=has_cam, precision="fp32", source=source)
 

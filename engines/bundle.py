@@ -24,7 +24,8 @@ class ModelBundle:
     model_name: str
     preprocess: PreprocessSpec
     temperature: float = 1.0
-    mel_threshold: float = 0.5
+    mel_threshold: float = 0.5  # on calibrated p(mel) of the plain (single-view) prediction
+    mel_thresholds: dict = field(default_factory=dict)  # test-time-view setting -> its own threshold ("flip": ...)
     classes: tuple[str, ...] = CLASS_CODES
     class_names: dict[str, str] = field(default_factory=lambda: dict(CLASS_NAMES))
     split_sha256: str = ""
@@ -37,6 +38,11 @@ class ModelBundle:
     @property
     def mel_index(self) -> int:
         return self.classes.index("mel")
+
+    def threshold_for(self, tta: str = "none") -> float:
+        """The melanoma threshold chosen on validation for this test-time-view setting (averaging views shifts the
+        probabilities, so each setting has its own). A bundle without one for `tta` falls back to the plain one."""
+        return float(self.mel_thresholds.get(tta, self.mel_threshold)) if tta != "none" else self.mel_threshold
 
     def to_json(self) -> str:
         d = asdict(self)

@@ -64,16 +64,17 @@ class Engine(ABC):
         if not images:
             return []
         probs, cam = self.infer(preprocess_batch(images, self.bundle.preprocess), tta)
-        return [self._prediction(probs[i], None if cam is None else cam[i]) for i in range(len(images))]
+        thr = self.bundle.threshold_for(tta)
+        return [self._prediction(probs[i], None if cam is None else cam[i], thr) for i in range(len(images))]
 
     def predict_one(self, image: np.ndarray) -> Prediction:
         return self.predict([image])[0]
 
-    def _prediction(self, p: np.ndarray, cam: np.ndarray | None) -> Prediction:
+    def _prediction(self, p: np.ndarray, cam: np.ndarray | None, threshold: float) -> Prediction:
         i = int(np.argmax(p))
         codes = self.bundle.classes
         return Prediction(probs=p, label=codes[i], confidence=float(p[i]),
-                          melanoma_flag=bool(p[self.bundle.mel_index] >= self.bundle.mel_threshold),
+                          melanoma_flag=bool(p[self.bundle.mel_index] >= threshold),
                           cam=None if cam is None else normalize_cam(cam[i]))
 
     def describe(self) -> str:

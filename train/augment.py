@@ -32,10 +32,6 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
-def _factor(n: int, amount: float, g: torch.Generator) -> torch.Tensor:
-    return (1.0 + (torch.rand(n, generator=g) * 2 - 1) * amount).view(n, 1, 1, 1)
-
-
 def _hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate chroma in YIQ space by shift (fraction of the colour circle), per image."""
     to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -49,30 +45,59 @@ def _hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.einsum("nij,njhw->nihw", m.to(x.dtype), x)
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """float N x 3 x H x W in [0, 1] -> augmented, same shape, still in [0, 1]."""
-    n = x.shape[0]
+@dataclass(frozen=True)
+class AugmentParams:
+    """One draw of every random choice for N images. Geometry is in normalised coordinates, so the same
+    parameters give the same view at any resolution: the bank's teachers and the student see one view."""
+    angle: torch.Tensor  # radians, N
+    sx: torch.Tensor  # -1 (horizontal flip) or 1
+    sy: torch.Tensor  # -1 (vertical flip) or 1
+    brightness: torch.Tensor  # factors, N
+    contrast: torch.Tensor
+    saturation: torch.Tensor
+    hue: torch.Tensor  # fraction of the colour circle
+
+    def take(self, idx) -> "AugmentParams":
+        return AugmentParams(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+
+def draw_params(n: int, cfg: AugmentConfig, g: torch.Generator) -> AugmentParams:
     angle = (torch.rand(n, generator=g) * 2 - 1) * math.radians(cfg.rotate_deg)
     sx = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if cfg.hflip else torch.ones(n)
     sy = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0) if cfg.vflip else torch.ones(n)
-    if cfg.rotate_deg or cfg.hflip or cfg.vflip:
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack([torch.stack([cos * sx, -sin * sy, torch.zeros(n)], 1),
-                             torch.stack([sin * sx, cos * sy, torch.zeros(n)], 1)], 1)
+
+    def factor(amount: float) -> torch.Tensor:
+        return 1.0 + (torch.rand(n, generator=g) * 2 - 1) * amount if amount else torch.ones(n)
+
+    b, c, s = factor(cfg.brightness), factor(cfg.contrast), factor(cfg.saturation)
+    hue = (torch.rand(n, generator=g) * 2 - 1) * cfg.hue if cfg.hue else torch.zeros(n)
+    return AugmentParams(angle, sx, sy, b, c, s, hue)
+
+
+def apply_params(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
+    """float N x 3 x H x W in [0, 1] -> the views the parameters describe, same shape, still in [0, 1]."""
+    n = x.shape[0]
+    col = lambda t: t.to(x.dtype).view(n, 1, 1, 1)  # noqa: E731
+    if bool((p.angle != 0).any() or (p.sx != 1).any() or (p.sy != 1).any()):
+        cos, sin = torch.cos(p.angle), torch.sin(p.angle)
+        theta = torch.stack([torch.stack([cos * p.sx, -sin * p.sy, torch.zeros(n)], 1),
+                             torch.stack([sin * p.sx, cos * p.sy, torch.zeros(n)], 1)], 1)
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         # Reflection keeps the skin texture at the corners instead of black wedges the model could learn.
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    if cfg.brightness:
-        x = x * _factor(n, cfg.brightness, g)
-    if cfg.contrast:
-        mean = _gray(x).mean(dim=(2, 3), keepdim=True)
-        x = (x - mean) * _factor(n, cfg.contrast, g) + mean
-    if cfg.saturation:
-        gray = _gray(x)
-        x = (x - gray) * _factor(n, cfg.saturation, g) + gray
-    if cfg.hue:
-        x = _hue_shift(x, (torch.rand(n, generator=g) * 2 - 1) * cfg.hue)
+    x = x * col(p.brightness)
+    mean = _gray(x).mean(dim=(2, 3), keepdim=True)
+    x = (x - mean) * col(p.contrast) + mean
+    gray = _gray(x)
+    x = (x - gray) * col(p.saturation) + gray
+    if bool((p.hue != 0).any()):
+        x = _hue_shift(x, p.hue)
     return x.clamp_(0.0, 1.0)
+
+
+def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """float N x 3 x H x W in [0, 1] -> augmented, same shape, still in [0, 1]."""
+    return apply_params(x, draw_params(x.shape[0], cfg, g))
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

@@ -47,8 +47,10 @@ def cmd_fit(a) -> int:
     cfg = with_overrides(load_config(a.config), model=a.model, img_size=a.img_size, limit=a.limit,
                          epochs_head=a.epochs_head, epochs_tune=a.epochs_tune, init=a.init,
                          pretrained=True if a.pretrained else None, seed=a.seed, batch_size=a.batch_size,
-                         threads=a.threads, sampling=a.sampling)
-    res = fit(cfg, resolve_data_dir(a.data), Path(a.split), Path(a.out), resume=a.resume, progress=not a.quiet)
+                         threads=a.threads, sampling=a.sampling, epochs=a.epochs, views=a.views,
+                         teachers=tuple(a.teachers) if a.teachers else None)
+    res = fit(cfg, resolve_data_dir(a.data), Path(a.split), Path(a.out), resume=a.resume, progress=not a.quiet,
+              device=a.device)
     if res["history"]:
         print(f"done: best validation balanced accuracy {res['best_balanced_acc']:.4f}; run folder {a.out}")
     return 0
@@ -118,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--threads", type=int)
     p.add_argument("--sampling", choices=("uniform", "balanced", "sqrt"))
+    p.add_argument("--epochs", type=int, help="fast path (configs with a recipe): epochs over the views")
+    p.add_argument("--views", type=int, help="fast path: augmented views per training image")
+    p.add_argument("--teachers", nargs="+", help="fast path: teacher run folders to distil from")
+    p.add_argument("--device", default="auto", help="fast path: auto (CUDA when torch sees one), cpu, cuda, cuda:N")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_fit)

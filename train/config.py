@@ -22,6 +22,36 @@ class PhaseConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    teachers: tuple[str, ...]  # run folders of bank-trained teachers (same split, seed, views and augmentation)
+    temperature: float = 2.0
+    alpha: float = 0.7  # weight of the soft-target KL; 1 - alpha goes to the label loss
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The fast path (`dermtrain.fastfit`): K augmented views drawn once, a one-cycle schedule, an EMA of the
+    weights, a class-balanced loss, and a log-prior added back at inference (chosen on validation).
+
+    freeze_at > 0: the first freeze_at stages are frozen and run once per view into a feature bank; only the
+    late stages and the head train. freeze_at = 0: the whole network trains on the same views (distillation).
+    """
+    epochs: int = 15
+    lr: float = 1e-3
+    schedule: str = "onecycle"  # onecycle | cosine (both warm up for `warmup` of the steps)
+    warmup: float = 0.1
+    ema: float = 0.998  # 0: no EMA
+    label_smoothing: float = 0.1
+    loss: str = "logit_adjusted"  # logit_adjusted | ce | focal
+    tau: float = 1.0  # logit adjustment strength
+    views: int = 6
+    freeze_at: int = 4
+    bank_bf16: bool = True  # build the bank under bfloat16 autocast (validation features stay float32)
+    prior_grid: tuple[float, ...] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
+    distill: DistillConfig | None = None
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: str = "convnext_atto"
     img_size: int = 128
@@ -48,6 +78,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # 0: all cores
     limit: int | None = None  # at most this many images per split (smoke runs)
+    recipe: Recipe | None = None  # set: `dermtrain fit` takes the fast path instead of the two phases
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +99,8 @@ def from_dict(d: dict) -> TrainConfig:
             d[ph] = PhaseConfig(**d[ph])
     if "augment" in d:
         d["augment"] = AugmentConfig(**d["augment"])
+    if d.get("recipe") is not None:
+        d["recipe"] = _recipe(d["recipe"])
     for k in ("mean", "std", "focal_alpha"):
         if isinstance(d.get(k), list):
             d[k] = tuple(d[k])
@@ -76,7 +109,34 @@ def from_dict(d: dict) -> TrainConfig:
     return cfg
 
 
+def _recipe(d: dict) -> Recipe:
+    d = dict(d)
+    unknown = set(d) - {f.name for f in fields(Recipe)}
+    if unknown:
+        raise ConfigError(f"unknown recipe keys: {', '.join(sorted(unknown))}")
+    if d.get("distill") is not None:
+        dd = dict(d["distill"])
+        dd["teachers"] = tuple(dd.get("teachers", ()))
+        d["distill"] = DistillConfig(**dd)
+    if "prior_grid" in d:
+        d["prior_grid"] = tuple(d["prior_grid"])
+    return Recipe(**d)
+
+
+def validate_recipe(r: Recipe) -> None:
+    if r.schedule not in ("onecycle", "cosine"):
+        raise ConfigError(f"recipe.schedule must be onecycle or cosine, not {r.schedule!r}")
+    if r.loss not in ("logit_adjusted", "ce", "focal"):
+        raise ConfigError(f"recipe.loss must be logit_adjusted, ce or focal, not {r.loss!r}")
+    if r.epochs < 1 or r.views < 1 or r.freeze_at < 0 or not 0 <= r.ema < 1 or not 0 <= r.warmup < 1:
+        raise ConfigError("recipe needs epochs >= 1, views >= 1, freeze_at >= 0, 0 <= ema < 1, 0 <= warmup < 1")
+    if r.distill is not None and not r.distill.teachers:
+        raise ConfigError("recipe.distill needs at least one teacher run folder")
+
+
 def validate(cfg: TrainConfig) -> None:
+    if cfg.recipe is not None:
+        validate_recipe(cfg.recipe)
     if cfg.sampling not in ("uniform", "balanced", "sqrt"):
         raise ConfigError(f"sampling must be uniform, balanced or sqrt, not {cfg.sampling!r}")
     if cfg.amp not in ("auto", "bf16", "fp16", "off"):
@@ -110,6 +170,15 @@ def with_overrides(cfg: TrainConfig, **kw) -> TrainConfig:
         kw["phase1"] = replace(cfg.phase1, epochs=kw.pop("epochs_head"))
     if "epochs_tune" in kw:
         kw["phase2"] = replace(cfg.phase2, epochs=kw.pop("epochs_tune"))
+    recipe_kw = {k: kw.pop(k) for k in ("epochs", "views", "teachers") if k in kw}
+    if recipe_kw:
+        if cfg.recipe is None:
+            raise ConfigError(f"--{', --'.join(recipe_kw)} need a config with a recipe (e.g. lite0-bank)")
+        teachers = recipe_kw.pop("teachers", None)
+        r = replace(cfg.recipe, **recipe_kw)
+        if teachers is not None:
+            r = replace(r, distill=replace(r.distill or DistillConfig(teachers=()), teachers=teachers))
+        kw["recipe"] = r
     cfg = replace(cfg, **kw)
     validate(cfg)
     return cfg

@@ -66,7 +66,10 @@ def evaluate(run_dir: Path, data_dir: Path, split_name: str = "test", target_sen
     val_logits = tta_logits(model, val_x, spec, tta, cfg.eval_batch_size)
     logits = tta_logits(model, x, spec, tta, cfg.eval_batch_size)
 
-    temperature = fit_temperature(val_logits, val_y)
+    # The shipped temperature is the plain one; a test-time-view setting keeps it and gets its own threshold.
+    cal_path = run.root / "calibration.json"
+    cal = json.loads(cal_path.read_text()) if tta != "none" and cal_path.is_file() else None
+    temperature = float(cal["temperature"]) if cal else fit_temperature(val_logits, val_y)
     val_p_mel = softmax(val_logits, temperature)[:, MEL_INDEX]
     threshold = threshold_for_sensitivity(val_p_mel, val_y == MEL_INDEX, target_sensitivity)
     val_sum = summarize(val_logits, val_y, temperature, threshold)
@@ -94,9 +97,13 @@ def evaluate(run_dir: Path, data_dir: Path, split_name: str = "test", target_sen
     if split_name != "test":
         write_json(run.root / f"metrics_{split_name}{tag}.json", metrics)
     if tta == "none":
-        write_json(run.root / "calibration.json", {"temperature": temperature, "mel_threshold": threshold,
-                                                  "target_sensitivity": target_sensitivity,
-                                                  "validation": metrics["validation"]})
+        old = json.loads(cal_path.read_text()) if cal_path.is_file() else {}
+        keep = {k: v for k, v in old.get("mel_thresholds", {}).items()} if old.get("temperature") == temperature else {}
+        write_json(cal_path, {"temperature": temperature, "mel_threshold": threshold,
+                              "mel_thresholds": keep, "target_sensitivity": target_sensitivity,
+                              "validation": metrics["validation"]})
+    elif cal is not None:
+        write_json(cal_path, {**cal, "mel_thresholds": {**cal.get("mel_thresholds", {}), tta: threshold}})
     with atomic_path(run.root / f"logits_{split_name}{tag}.npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, logits=logits, labels=y, val_logits=val_logits, val_labels=val_y)

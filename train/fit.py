@@ -112,6 +112,21 @@ def predict_logits(model: nn.Module, images_u8: np.ndarray, spec: PreprocessSpec
     return np.concatenate(out) if out else np.zeros((0, len(CLASS_CODES)), np.float32)
 
 
+def write_run_files(run: RunFiles, cfg: TrainConfig, split_path: Path, split_hash: str, data_dir: Path,
+                    spec: PreprocessSpec, extra: dict) -> None:
+    """The resolved config, a copy of the split manifest and what produced the run, beside its checkpoints."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_json(run.config, cfg.to_dict())
+    if split_path.resolve() != run.split.resolve():
+        with atomic_path(run.split) as tmp:
+            tmp.write_bytes(split_path.read_bytes())
+    write_json(run.run_info, {
+        "code_version": code_version(), "split_sha256": split_hash, "split_source": str(split_path),
+        "data_dir": str(data_dir), "preprocess": spec.to_dict(), "classes": list(CLASS_CODES),
+        "torch": torch.__version__, "python": platform.python_version(), **extra,
+    })
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -130,7 +145,10 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float):
 
 
 def fit(cfg: TrainConfig, data_dir: Path, split_path: Path, out_dir: Path, resume: bool = False,
-        progress: bool = True) -> dict:
+        progress: bool = True, device: str = "auto") -> dict:
+    if cfg.recipe is not None:
+        from dermtrain.fastfit import fit_fast
+        return fit_fast(cfg, data_dir, split_path, RunFiles(Path(out_dir)), resume, progress, device)
     info = D.setup()
     try:
         return _fit(cfg, data_dir, split_path, RunFiles(Path(out_dir)), resume, progress and info.main, info)
@@ -143,7 +161,7 @@ def _fit(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, resu
     device = D.device_for(info)
     torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // info.world))
     split_hash = manifest_sha256(split_path)
-    state = _load_resume(run, cfg, split_hash) if resume else None
+    state = load_resume(run, cfg, split_hash) if resume else None
     if not resume and run.last.exists():
         raise ResumeError(f"{run.root}: already holds a run; pass --resume to continue it or pick a new --out")
 
@@ -155,17 +173,9 @@ def _fit(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, resu
     train_recs = select(rows, records, "train", cfg.limit, cfg.seed)
     val_recs = select(rows, records, "val", cfg.limit, cfg.seed)
     if info.main:
-        run.root.mkdir(parents=True, exist_ok=True)
-        write_json(run.config, cfg.to_dict())
-        if split_path.resolve() != run.split.resolve():
-            with atomic_path(run.split) as tmp:
-                tmp.write_bytes(split_path.read_bytes())
-        write_json(run.run_info, {
-            "code_version": code_version(), "split_sha256": split_hash, "split_source": str(split_path),
-            "data_dir": str(data_dir), "preprocess": spec.to_dict(), "classes": list(CLASS_CODES),
-            "n_train": len(train_recs), "n_val": len(val_recs), "world_size": info.world,
-            "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-        })
+        write_run_files(run, cfg, split_path, split_hash, data_dir, spec,
+                        {"n_train": len(train_recs), "n_val": len(val_recs), "world_size": info.world,
+                         "device": str(device)})
 
     train_x, train_y = build_cache(train_recs, spec, "caching train", progress)
     val_x, val_y = build_cache(val_recs, spec, "caching val", progress) if info.main else (None, None)
@@ -267,7 +277,7 @@ def _train_epoch(net, model, xs, ys, cfg, spec, epoch, opt, loss_fn, amp, scaler
     return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "images_per_s": seen / elapsed}
 
 
-def _load_resume(run: RunFiles, cfg: TrainConfig, split_hash: str) -> dict:
+def load_resume(run: RunFiles, cfg: TrainConfig, split_hash: str) -> dict:
     if not run.last.is_file():
         raise ResumeError(f"{run.root}: nothing to resume (no last.pt)")
     state = torch.load(run.last, map_location="cpu", weights_only=False)

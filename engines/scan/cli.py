@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.isic:
             write_isic(rows, Path(a.isic))
         if a.html:
-            write_html(Path(a.html), rows, folder, engine.bundle, engine.backend, str(a.model or "default"))
+            write_html(Path(a.html), rows, folder, engine.bundle, engine.backend, str(a.model or "default"), a.tta)
     except (BundleError, OutputError) as e:
         print(f"dermscan: error: {e}", file=sys.stderr)
         return 2

@@ -65,7 +65,8 @@ def _fmt(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, model_path: str) -> str:
+def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, model_path: str,
+           tta: str = "none") -> str:
     mel = CLASS_CODES.index("mel")
     ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: (not r.melanoma_flag, -r.probs[mel]))
     errors = sorted((r for r in rows if r.status != "ok"), key=lambda r: r.file)
@@ -74,6 +75,7 @@ def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, mod
     counts = Counter(r.label for r in ok)
     e = html.escape
     v = bundle.validation or {}
+    thr = bundle.threshold_for(tta)
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>DermEdge scan: {e(str(folder))}</title>",
            f"<style>{STYLE}</style></head><body>",
            f"<h1>DermEdge scan report</h1><div>{e(str(folder))} &middot; "
@@ -82,14 +84,14 @@ def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, mod
            "<h2>Summary</h2><table class='meta'>",
            f"<tr><td>images scanned</td><td>{len(ok) + len(errors)}</td></tr>",
            f"<tr><td>classified</td><td>{len(ok)}</td></tr><tr><td>unreadable</td><td>{len(errors)}</td></tr>",
-           f"<tr><td>melanoma suspects</td><td><b>{len(flagged)}</b> (p(mel) &ge; {bundle.mel_threshold:.3f})</td></tr>",
+           f"<tr><td>melanoma suspects</td><td><b>{len(flagged)}</b> (p(mel) &ge; {thr:.4f})</td></tr>",
            "</table><h3>Per class (top-1 label)</h3><table><tr><th>class</th><th>code</th><th class='num'>images</th></tr>"]
     for c in CLASS_CODES:
         out.append(f"<tr><td>{e(class_name(c))}</td><td>{c}</td><td class='num'>{counts.get(c, 0)}</td></tr>")
     out += ["</table>", "<h2>Model</h2><table class='meta'>",
             f"<tr><td>model</td><td>{e(bundle.model_name)} @ {bundle.preprocess.size}px ({e(bundle.precision)}), "
             f"{e(model_path)}</td></tr><tr><td>backend</td><td>{e(backend)}</td></tr>",
-            f"<tr><td>melanoma operating threshold</td><td>{bundle.mel_threshold:.4f} (chosen on validation for "
+            f"<tr><td>melanoma operating threshold</td><td>{thr:.4f} (test-time views: {e(tta)}; chosen on validation for "
             f"&ge;90% melanoma sensitivity)</td></tr><tr><td>temperature</td><td>{bundle.temperature:.3f}</td></tr>"]
     for k, label in VALIDATION_LABELS.items():
         if k in v:
@@ -121,5 +123,6 @@ def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, mod
     return "\n".join(out)
 
 
-def write_html(path: Path, rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, model_path: str) -> None:
-    write_text(path, render(rows, folder, bundle, backend, model_path))
+def write_html(path: Path, rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, model_path: str,
+               tta: str = "none") -> None:
+    write_text(path, render(rows, folder, bundle, backend, model_path, tta))

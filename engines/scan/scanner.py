@@ -49,7 +49,7 @@ def scan(files: list[Path], folder: Path, engine: Engine, writer: ResultsWriter,
     workers = workers or max(2, min(4, os.cpu_count() or 2))
     window = batch * 2  # at most this many decoded images wait in memory
     codes = engine.bundle.classes
-    mel, thr = engine.bundle.mel_index, engine.bundle.mel_threshold
+    mel, thr = engine.bundle.mel_index, engine.bundle.threshold_for(tta)
     t0 = time.perf_counter()
     bar = tqdm(total=len(files), unit="img", desc="scanning", disable=not progress, smoothing=0.1)
 

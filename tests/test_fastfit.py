@@ -1,0 +1,152 @@
+"""The fast path: feature bank, recipe training, distillation and per-view thresholds, trained tiny on real images."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from dermtrain.augment import AugmentConfig, apply_params, draw_params, to_float_nchw
+from dermtrain.bank import early_features, make_views, view_params
+from dermtrain.config import ConfigError, load_config, with_overrides
+from dermtrain.fit import fit
+from dermtrain.stages import Cut, CutError
+
+pytestmark = pytest.mark.slow
+
+BANK = dict(img_size=64, limit=120, batch_size=32, threads=1, seed=0, epochs=2, views=2)
+
+
+def bank_config(**kw):
+    return with_overrides(load_config("lite0-bank"), **{**BANK, **kw})
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, monkeypatch_module):
+    d = tmp_path_factory.mktemp("cache")
+    monkeypatch_module.setenv("DERM_CACHE", str(d))
+    return d / "banks"
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def teacher_run(data_dir, split_csv, tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    fit(bank_config(), data_dir, split_csv, out, progress=False)
+    return out
+
+
+def _images(sample_images, size):
+    from engines.imageio import load_rgb
+    from engines.preprocess import PreprocessSpec, resize_for_model
+    spec = PreprocessSpec(size=size)
+    return np.stack([resize_for_model(load_rgb(p), spec) for p in sample_images]), spec
+
+
+def test_bank_path_equals_whole_network(sample_images):
+    """An un-augmented view through the bank (float16 storage) and the late stages gives the whole network's logits."""
+    from dermtrain.models import create_model
+    model = create_model("tf_efficientnet_lite0", init="pypi:efficientnet-lite0").eval()
+    x_u8, spec = _images(sample_images, 96)
+    params = view_params(len(x_u8), 3, AugmentConfig(), seed=0)
+    cut = Cut(model, 4)
+    with torch.no_grad():
+        whole = model(make_views(x_u8, params.take(0), spec)).numpy()
+        plain = early_features(cut, x_u8, None, spec, progress=False)
+        view0 = early_features(cut, x_u8, params.take(0), spec, progress=False)
+        via_bank = cut.late(torch.from_numpy(plain).float()).numpy()
+    assert np.allclose(plain.astype(np.float32), view0.astype(np.float32), rtol=1e-2, atol=1e-2)  # view 0: the image
+    assert np.abs(via_bank - whole).max() < 2e-2 * max(1.0, np.abs(whole).max())
+    assert (via_bank.argmax(1) == whole.argmax(1)).all()
+    with pytest.raises(CutError):
+        Cut(model, 7)
+
+
+def test_views_are_the_same_at_any_resolution(sample_images):
+    """Teachers and the student regenerate one view at their own resolutions from the same parameters."""
+    params = view_params(len(sample_images), 2, AugmentConfig(rotate_deg=20), seed=3)
+    big, spec_big = _images(sample_images, 128)
+    small, spec_small = _images(sample_images, 64)
+    vb = apply_params(to_float_nchw(torch.from_numpy(big)), params.take(1))
+    vs = apply_params(to_float_nchw(torch.from_numpy(small)), params.take(1))
+    down = torch.nn.functional.avg_pool2d(vb, 2)
+    assert (down - vs).abs().mean() < 0.03  # same geometry and colour, only the sampling differs
+    other = view_params(len(sample_images), 2, AugmentConfig(rotate_deg=20), seed=4)
+    assert not torch.equal(params.angle, other.angle)
+    # the batch draw and the per-image draw agree: augment() stays what it was
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    p = draw_params(4, AugmentConfig(), g1)
+    assert torch.equal(p.angle, draw_params(4, AugmentConfig(), g2).angle)
+
+
+def test_bank_run_trains_caches_and_folds_the_prior(teacher_run, data_dir, cache_dir):
+    hist = json.loads((teacher_run / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2] and "bank_seconds" in hist[0]
+    assert all(h["prior_shift"] in load_config("lite0-bank").recipe.prior_grid for h in hist)
+    banks = list(cache_dir.glob("bank-*.npy"))
+    assert len(banks) == 1
+    bank = np.load(banks[0])
+    n_train = json.loads((teacher_run / "run.json").read_text())["n_train"]
+    assert bank.dtype == np.float16 and bank.shape[:2] == (2, n_train)
+    # best.pt is the deployable whole model: its validation logits reproduce the recorded balanced accuracy
+    from dermtrain.evaluate import evaluate
+    m = evaluate(teacher_run, data_dir, "val", progress=False)
+    best = max(h["val_balanced_acc"] for h in hist)
+    assert abs(m["balanced_accuracy"] - best) < 0.03
+    state = torch.load(teacher_run / "best.pt", map_location="cpu", weights_only=False)
+    assert "prior_shift" in state and len(state["log_prior"]) == 7
+
+
+def test_bank_is_reused_on_resume(teacher_run, data_dir, split_csv, cache_dir):
+    before = {p: p.stat().st_mtime_ns for p in cache_dir.glob("bank-*.npy")}
+    res = fit(bank_config(), data_dir, split_csv, teacher_run, resume=True, progress=False)  # finished: no epoch
+    assert res["history"] and {p: p.stat().st_mtime_ns for p in cache_dir.glob("bank-*.npy")} == before
+
+
+def test_distilled_student(teacher_run, data_dir, split_csv, tmp_path, cache_dir):
+    cfg = with_overrides(load_config("convnext-distill"), model="test_convnext", teachers=(str(teacher_run),),
+                         **{**BANK, "img_size": 48})
+    out = tmp_path / "student"
+    fit(cfg, data_dir, split_csv, out, progress=False)
+    cached = np.load(out / "teacher_logp.npz")
+    logp = cached["logp"]
+    assert logp.shape[0] == 2 and logp.shape[2] == 7 and np.isfinite(logp).all()
+    assert np.allclose(np.exp(logp).sum(-1), 1, atol=1e-3)
+    assert (out / "best.pt").is_file() and len(json.loads((out / "history.json").read_text())) == 2
+    # a teacher whose views differ is refused with one line
+    bad = with_overrides(cfg, views=3)
+    with pytest.raises(ConfigError, match="views"):
+        fit(bad, data_dir, split_csv, tmp_path / "bad", progress=False)
+
+
+def test_recipe_overrides_need_a_recipe():
+    with pytest.raises(ConfigError, match="recipe"):
+        with_overrides(tiny_config(), epochs=3)
+
+
+def test_flip_threshold_is_stored_and_used(tiny_run, data_dir, tmp_path, sample_images):
+    from dermconvert.pipeline import convert
+    from dermtrain.evaluate import evaluate
+    from engines.imageio import load_rgb
+    from engines.onnx_backend import OrtEngine
+
+    plain = evaluate(tiny_run, data_dir, "test", progress=False)
+    flip = evaluate(tiny_run, data_dir, "test", tta="flip", progress=False)
+    cal = json.loads((tiny_run / "calibration.json").read_text())
+    assert cal["mel_thresholds"]["flip"] == flip["operating_point"]["threshold"]
+    assert cal["mel_threshold"] == plain["operating_point"]["threshold"]
+    assert flip["calibration"]["temperature"] == cal["temperature"]  # one shipped temperature
+    onnx = convert(tiny_run, tmp_path / "m.onnx", log=lambda *_: None).onnx
+    eng = OrtEngine(onnx, "cpu")
+    assert eng.bundle.threshold_for("flip") == pytest.approx(cal["mel_thresholds"]["flip"])
+    assert eng.bundle.threshold_for("none") == pytest.approx(cal["mel_threshold"])
+    images = [load_rgb(p) for p in sample_images]
+    for tta in ("none", "flip"):
+        for pred in eng.predict(images, tta):
+            assert pred.melanoma_flag == (pred.probs[eng.bundle.mel_index] >= eng.bundle.threshold_for(tta))

@@ -1,0 +1,79 @@
+"""The teacher for distillation: an ensemble of bank-trained runs, its log-probabilities for every bank view.
+
+Each teacher's logits on view v of image i are its late stages applied to its own bank (the very features its
+whole network computes), so caching them for all K x N views costs a few minutes, not a bank build per teacher.
+The ensemble averages the teachers' probabilities (each with its validated prior shift folded in).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dermtrain.bank import bank_key, build_bank, default_cache_dir, view_params
+from dermtrain.cache import build_cache
+from dermtrain.config import ConfigError, DistillConfig, TrainConfig
+from dermtrain.data import Record
+from dermtrain.stages import Cut
+from engines.engine import softmax
+from engines.fsutil import atomic_path
+
+
+def _check_compatible(name: str, tcfg: TrainConfig, cfg: TrainConfig, t_split: str, split_hash: str) -> None:
+    r, tr = cfg.recipe, tcfg.recipe
+    if tr is None or not tr.freeze_at:
+        raise ConfigError(f"teacher {name}: not a bank-trained run (its config has no recipe with freeze_at > 0)")
+    if t_split != split_hash:
+        raise ConfigError(f"teacher {name}: trained on another split manifest")
+    for what, a, b in (("views", tr.views, r.views), ("seed", tcfg.seed, cfg.seed),
+                       ("augmentation", tcfg.augment, cfg.augment), ("limit", tcfg.limit, cfg.limit)):
+        if a != b:
+            raise ConfigError(f"teacher {name}: {what} {a} differs from the student's {b}: the views would differ")
+
+
+@torch.no_grad()
+def teacher_view_logp(run_dir: Path, cfg: TrainConfig, train_recs: list[Record], split_hash: str,
+                      cache_dir: Path | None, progress: bool) -> np.ndarray:
+    """K x N x 7 log-probabilities of one teacher on the student's views."""
+    from dermtrain.evaluate import load_run_model
+
+    model, tcfg, tspec, state = load_run_model(run_dir)
+    _check_compatible(str(run_dir), tcfg, cfg, state["split_sha256"], split_hash)
+    x, _ = build_cache(train_recs, tspec, f"caching train for teacher {run_dir.name}", progress)
+    params = view_params(len(x), tcfg.recipe.views, tcfg.augment, tcfg.seed)
+    cut = Cut(model, tcfg.recipe.freeze_at)
+    key = bank_key(tcfg.model, tcfg.init, tcfg.recipe.freeze_at, tcfg.recipe.views, tspec, split_hash,
+                   tcfg.augment, tcfg.seed, len(x), tcfg.recipe.bank_bf16)
+    bank = build_bank(cut, x, params, tspec, key, cache_dir or default_cache_dir(), progress,
+                      tcfg.recipe.bank_bf16)
+    out = np.empty((bank.shape[0], bank.shape[1], 7), np.float32)
+    for v in range(bank.shape[0]):
+        for i in range(0, bank.shape[1], 256):
+            f = torch.from_numpy(bank[v, i:i + 256]).float().contiguous(memory_format=torch.channels_last)
+            out[v, i:i + 256] = cut.late(f).float().numpy()
+    return np.log(softmax(out.reshape(-1, 7)).reshape(out.shape) + 1e-12)
+
+
+def teacher_targets(d: DistillConfig, cfg: TrainConfig, train_recs: list[Record], split_hash: str, run_root: Path,
+                    cache_dir: Path | None, progress: bool) -> np.ndarray:
+    """K x N x 7 ensemble log-probabilities, cached in the run folder as teacher_logp.npz (keyed by the teachers'
+    checkpoints)."""
+    dirs = [Path(t) for t in d.teachers]
+    for t in dirs:
+        if not (t / "best.pt").is_file():
+            raise ConfigError(f"teacher {t}: no best.pt")
+    key = hashlib.sha256(b"".join(hashlib.sha256((t / "best.pt").read_bytes()).digest() for t in dirs)).hexdigest()
+    path = run_root / "teacher_logp.npz"
+    if path.is_file():
+        cached = np.load(path)
+        if str(cached["key"]) == key:
+            return cached["logp"]
+    probs = np.mean([np.exp(teacher_view_logp(t, cfg, train_recs, split_hash, cache_dir, progress)) for t in dirs],
+                    axis=0)
+    logp = np.log(probs + 1e-12).astype(np.float32)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, logp=logp, key=np.array(key))
+    return logp

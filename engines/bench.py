@@ -22,11 +22,13 @@ def pure_inference(engine, batch: np.ndarray, bs: int) -> float:
 
 
 def scan_end_to_end(files: list[Path], folder: Path, engine, bs: int) -> float:
-    from engines.scan.results import ResultsWriter
+    from engines.scan.results import ResultsWriter, ScanIdentity
     from engines.scan.scanner import scan
 
+    identity = ScanIdentity(model_sha256="", model=engine.bundle.model_name, folder=str(folder.resolve()),
+                            recursive=False, tta="none", mel_threshold=engine.bundle.mel_threshold)
     with tempfile.TemporaryDirectory() as d:
-        w = ResultsWriter(Path(d) / "r.csv", resume=False)
+        w = ResultsWriter(Path(d) / "r.csv", identity, resume=False)
         t0 = time.perf_counter()
         scan(files, folder, engine, w, bs, progress=False)
         dt = time.perf_counter() - t0
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except BundleError as e:
         print(f"dermbench: error: {e}", file=sys.stderr)
         return 2
-    files = find_images(folder)[0][:a.limit]
+    files = find_images(folder).files[:a.limit]
     spec = engine.bundle.preprocess
     print(f"dermbench: {len(files)} images of {folder}, {engine.describe()}, batch {a.batch}, {os.cpu_count()} cores")
     batch = preprocess_batch([load_rgb(f) for f in files], spec)

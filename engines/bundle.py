@@ -6,6 +6,7 @@ into the bundle at conversion time, and every backend reads them from here.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 from engines.labels import CLASS_CODES, CLASS_NAMES, MEL_INDEX
@@ -62,7 +63,17 @@ class ModelBundle:
             raise BundleError(f"{where}: bundle version {b.version} is newer than this runtime ({BUNDLE_VERSION})")
         if b.classes != CLASS_CODES:
             raise BundleError(f"{where}: model classes {list(b.classes)} differ from {list(CLASS_CODES)}")
+        b.validate(where)
         return b
+
+    def validate(self, where: str) -> None:
+        """Numbers that would silently give wrong results (a NaN threshold flags nothing; temperature 0 gives NaN
+        probabilities) are refused at load."""
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise BundleError(f"{where}: temperature {self.temperature!r} in the model metadata is not a positive number")
+        for name, t in [("mel_threshold", self.mel_threshold), *self.mel_thresholds.items()]:
+            if not (isinstance(t, (int, float)) and math.isfinite(t) and 0.0 <= t <= 1.0):
+                raise BundleError(f"{where}: melanoma threshold {name}={t!r} in the model metadata is not in [0, 1]")
 
     def metadata_props(self) -> dict[str, str]:
         return {METADATA_KEY: self.to_json()}

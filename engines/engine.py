@@ -43,6 +43,25 @@ class Engine(ABC):
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """float32 N x 3 x S x S -> (logits N x K, cam N x K x h x w or None)."""
 
+    def check_outputs(self, where: str) -> None:
+        """Run one blank image: a graph whose logits are not N x classes, or not finite, is refused at load,
+        before any result file is touched."""
+        from engines.bundle import BundleError
+
+        s = self.bundle.preprocess.size
+        try:
+            logits, cam = self.run(np.zeros((1, 3, s, s), np.float32))
+        except Exception as e:  # noqa: BLE001 - any runtime failure on a valid input means an unusable model
+            raise BundleError(f"{where}: the model fails on a {s}x{s} input ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:160]})") from None
+        k = len(self.bundle.classes)
+        if logits.shape != (1, k):
+            raise BundleError(f"{where}: the model outputs logits of shape {tuple(logits.shape)}, expected (N, {k})")
+        if not np.isfinite(logits).all():
+            raise BundleError(f"{where}: the model outputs non-finite logits on a blank image")
+        if cam is not None and (cam.ndim != 4 or cam.shape[:2] != (1, k)):
+            raise BundleError(f"{where}: the model's CAM output has shape {tuple(cam.shape)}, expected (N, {k}, h, w)")
+
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """`run` over chunks of at most max_batch images."""
         outs = [self.run(batch[b:b + self.max_batch]) for b in range(0, len(batch), self.max_batch)]

@@ -48,8 +48,11 @@ class OrtEngine(Engine):
         self.bundle: ModelBundle = from_metadata(meta, str(self.path))
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        if "logits" not in self.output_names:
+            raise BundleError(f"{self.path}: the graph has no 'logits' output (outputs: {', '.join(self.output_names)})")
         self.backend = f"onnxruntime:{self.session.get_providers()[0]}"
         self.max_batch = max_batch
+        self.check_outputs(str(self.path))
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         outs = self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})

@@ -75,3 +75,13 @@ def sample_images(records) -> list[Path]:
     for c in CLASS_CODES:
         picked += [r.path for r in records if r.dx == c][:2]
     return picked[:14]
+
+
+def pytest_collection_modifyitems(config, items):
+    config._hostile = {k for item in items for m in item.iter_markers("hostile") for k in m.args}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    kinds = getattr(config, "_hostile", set())
+    if kinds:
+        terminalreporter.write_line(f"hostile dermscan inputs covered: {len(kinds)} kinds (tests/test_hostile_scan.py)")

@@ -142,8 +142,7 @@ def test_kill_9_loses_at_most_a_batch_and_resume_completes(tmp_path, tiny_onnx, 
 def test_resume_repairs_a_partial_last_row(tmp_path, tiny_onnx, real_folder):
     out = tmp_path / "r.csv"
     assert run_scan(real_folder, "--model", tiny_onnx, "--out", out, "--limit", "5").returncode == 0
-    text = out.read_text()
-    out.write_text(text + "ISIC_broken.jpg,ok,,nv,0.5")  # a crash in the middle of a row
+    out.write_bytes(out.read_bytes() + b"ISIC_broken.jpg,ok,,nv,0.5")  # a crash in the middle of a row
     r = run_scan(real_folder, "--model", tiny_onnx, "--out", out, "--resume")
     assert r.returncode == 0, r.stderr
     rows = read_csv(out)

@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="dermscan_results.csv", help="results CSV (default: %(default)s)")
     p.add_argument("--html", help="self-contained HTML report")
     p.add_argument("--isic", help="ISIC challenge CSV (image, MEL, NV, BCC, AKIEC, BKL, DF, VASC)")
-    p.add_argument("--resume", action="store_true", help="scan only the files not yet in --out")
+    p.add_argument("--resume", action="store_true", help="scan only the files not yet in --out (errors are retried)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.add_argument("--tta", default="none", choices=("none", "flip"), help="test-time flips (4x the compute)")
     p.add_argument("--limit", type=int, help="scan at most N images (after sorting)")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0: ONNX Runtime's choice)")
@@ -25,52 +26,76 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _model_sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def main(argv: list[str] | None = None) -> int:
     from engines.bundle import BundleError
     from engines.scan.discover import find_images
+    from engines.scan.outputs import OutputLock, check_existing, check_paths
     from engines.scan.report_html import write_html
-    from engines.scan.results import OutputError, ResultsWriter, check_writable, read_results, write_isic
+    from engines.scan.results import OutputError, ResultsWriter, Row, ScanIdentity, printable, read_results, write_isic
     from engines.scan.scanner import scan
-    from engines.select import open_engine
+    from engines.select import open_engine, resolve_model
 
     a = build_parser().parse_args(argv)
     folder = Path(a.folder)
+    log = (lambda *_: None) if a.quiet else (lambda m: print(printable(m), file=sys.stderr))
     try:
         if not folder.is_dir():
             raise OutputError(f"{folder}: folder not found")
         if a.batch < 1:
             raise OutputError(f"--batch must be at least 1, not {a.batch}")
-        out = Path(a.out)
-        for target in filter(None, (out, a.html and Path(a.html), a.isic and Path(a.isic))):
-            check_writable(target)
-        done = {r.file for r in read_results(out)} if a.resume else set()
-        choice = open_engine(a.model, a.backend, a.threads, max_batch=max(a.batch, 1))
-        engine = choice.engine
-        files, warnings = find_images(folder, a.recursive)
-        if a.limit is not None:
-            files = files[:a.limit]
-        todo = [f for f in files if f.relative_to(folder).as_posix() not in done]
-        log = (lambda *_: None) if a.quiet else (lambda m: print(m, file=sys.stderr))
-        log(f"dermscan: {engine.describe()} ({choice.reason})")
-        for w in warnings:
-            log(f"warning: {w}")
-        if done:
-            log(f"resuming: {len(files) - len(todo)} of {len(files)} images already in {out}")
-        writer = ResultsWriter(out, resume=a.resume)
-        try:
-            stats = scan(todo, folder, engine, writer, a.batch, a.tta, progress=not a.quiet)
-        finally:
-            writer.close()
-        rows = read_results(out)
-        if a.isic:
-            write_isic(rows, Path(a.isic))
-        if a.html:
-            write_html(Path(a.html), rows, folder, engine.bundle, engine.backend, str(a.model or "default"), a.tta)
+        if a.limit is not None and a.limit < 0:
+            raise OutputError(f"--limit must be 0 or more, not {a.limit}")
+        out, html, isic = Path(a.out), a.html and Path(a.html), a.isic and Path(a.isic)
+        found = find_images(folder, a.recursive)
+        files = found.files if a.limit is None else found.files[:a.limit]
+        check_paths(out, html, isic, found.files)
+        with OutputLock(out):
+            check_existing(out, html, isic, a.resume, a.overwrite)
+            # The model is loaded and checked before any output is touched.
+            model_path = resolve_model(a.model)
+            choice = open_engine(model_path, a.backend, a.threads, max_batch=max(a.batch, 1))
+            engine = choice.engine
+            identity = ScanIdentity(model_sha256=_model_sha256(model_path), model=str(a.model or "default"),
+                                    folder=str(folder.resolve()), recursive=a.recursive, tta=a.tta,
+                                    mel_threshold=engine.bundle.threshold_for(a.tta))
+            log(f"dermscan: {engine.describe()} ({choice.reason})")
+            for w in found.warnings:
+                log(f"warning: {w}")
+            if found.other_files:
+                log(f"note: {found.other_files} files that are not images were left out")
+            writer = ResultsWriter(out, identity, resume=a.resume)
+            done = {r.file for r in read_results(out)}
+            todo = [f for f in files if printable(f.relative_to(folder).as_posix()) not in done]
+            if done:
+                log(f"resuming: {len(files) - len(todo)} of {len(files)} images already in {out}")
+            try:
+                writer.append([Row(printable(d.relative_to(folder).as_posix()) + "/", "error",
+                                   f"{d}: {why}; its images were not scanned") for d, why in found.bad_folders])
+                stats = scan(todo, folder, engine, writer, a.batch, a.tta, progress=not a.quiet)
+            finally:
+                writer.close()
+            rows = read_results(out)
+            if isic:
+                write_isic(rows, isic)
+            if html:
+                paths = {printable(f.relative_to(folder).as_posix()): f for f in found.files}
+                write_html(html, rows, folder, engine.bundle, engine.backend, str(a.model or "default"), a.tta,
+                           paths)
     except (BundleError, OutputError) as e:
-        print(f"dermscan: error: {e}", file=sys.stderr)
+        print(f"dermscan: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"dermscan: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = e.filename or a.out
+        print(printable(f"dermscan: error: {where}: {e.strerror or e}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dermscan: interrupted; rerun with --resume to continue", file=sys.stderr)
@@ -78,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = sum(r.status == "ok" for r in rows)
     err = len(rows) - ok
     flagged = sum(r.melanoma_flag for r in rows)
-    print(f"dermscan: {len(rows)} images in {out}: {ok} classified, {err} errors, {flagged} melanoma suspects; "
-          f"this run {stats.ok + stats.errors} images at {stats.images_per_s:.1f} images/s")
+    print(printable(f"dermscan: {len(rows)} images in {out}: {ok} classified, {err} errors, {flagged} melanoma "
+                    f"suspects; this run {stats.ok + stats.errors} images at {stats.images_per_s:.1f} images/s"))
     return 0
 
 

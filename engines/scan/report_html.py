@@ -13,7 +13,7 @@ from engines.bundle import ModelBundle
 from engines.fsutil import write_text
 from engines.imageio import ImageReadError, load_rgb
 from engines.labels import CLASS_CODES, class_name
-from engines.scan.results import Row
+from engines.scan.results import Row, printable
 
 MAX_THUMBNAILS = 1500  # beyond this the report would weigh tens of MB; suspects get theirs first
 THUMB = 72
@@ -56,7 +56,8 @@ def _thumb(path: Path) -> str | None:
     except ImageReadError:
         return None
     h, w = rgb.shape[:2]
-    small = cv2.resize(rgb, (THUMB * 2, max(1, round(THUMB * 2 * h / w))), interpolation=cv2.INTER_AREA)
+    scale = THUMB * 2 / max(h, w)  # fit a 2*THUMB square whatever the aspect (a 1x40000 image stays tiny)
+    small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 70])
     return base64.b64encode(buf.tobytes()).decode("ascii") if ok else None
 
@@ -66,19 +67,22 @@ def _fmt(x: float) -> str:
 
 
 def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, model_path: str,
-           tta: str = "none") -> str:
+           tta: str = "none", paths: dict[str, Path] | None = None) -> str:
+    """paths: row file name -> the file on disk (names that were not valid UTF-8 are escaped in the rows)."""
+    paths = paths or {}
+    where = printable(str(folder.resolve()))
     mel = CLASS_CODES.index("mel")
     ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: (not r.melanoma_flag, -r.probs[mel]))
     errors = sorted((r for r in rows if r.status != "ok"), key=lambda r: r.file)
     flagged = [r for r in ok if r.melanoma_flag]
-    thumbs = {r.file: _thumb(folder / r.file) for r in ok[:MAX_THUMBNAILS]}
+    thumbs = {r.file: _thumb(paths.get(r.file, folder / r.file)) for r in ok[:MAX_THUMBNAILS]}
     counts = Counter(r.label for r in ok)
     e = html.escape
     v = bundle.validation or {}
     thr = bundle.threshold_for(tta)
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>DermEdge scan: {e(str(folder))}</title>",
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>DermEdge scan: {e(where)}</title>",
            f"<style>{STYLE}</style></head><body>",
-           f"<h1>DermEdge scan report</h1><div>{e(str(folder))} &middot; "
+           f"<h1>DermEdge scan report</h1><div>{e(where)} &middot; "
            f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</div>",
            f"<div class='notice'>{e(NOTICE)}</div>",
            "<h2>Summary</h2><table class='meta'>",
@@ -124,5 +128,9 @@ def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, mod
 
 
 def write_html(path: Path, rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, model_path: str,
-               tta: str = "none") -> None:
-    write_text(path, render(rows, folder, bundle, backend, model_path, tta))
+               tta: str = "none", paths: dict[str, Path] | None = None) -> None:
+    from engines.scan.results import OutputError
+    try:
+        write_text(path, render(rows, folder, bundle, backend, model_path, tta, paths))
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write the HTML report ({e.strerror or e})") from None

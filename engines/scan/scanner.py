@@ -12,9 +12,9 @@ import numpy as np
 from tqdm import tqdm
 
 from engines.engine import Engine
-from engines.imageio import ImageReadError, load_rgb
+from engines.imageio import ImageReadError, check_content, load_rgb
 from engines.preprocess import preprocess
-from engines.scan.results import ResultsWriter, Row, one_line
+from engines.scan.results import ResultsWriter, Row, one_line, printable
 
 
 @dataclass
@@ -34,6 +34,7 @@ def _load(path: Path, engine: Engine):
     """Worker: file -> (preprocessed float32 CHW, (w, h)) or the one-line error."""
     try:
         rgb = load_rgb(path)
+        check_content(rgb, str(path))
         return preprocess(rgb, engine.bundle.preprocess), (rgb.shape[1], rgb.shape[0]), None
     except ImageReadError as e:
         return None, None, one_line(str(e))
@@ -58,6 +59,10 @@ def scan(files: list[Path], folder: Path, engine: Engine, writer: ResultsWriter,
         if items:
             probs, _ = engine.infer(np.stack([x for _, x, _ in items]), tta)
             for (rel, _, (w, h)), p in zip(items, probs):
+                if not np.isfinite(p).all():
+                    rows.append(Row(rel, "error", f"{rel}: the model gave non-finite probabilities for this image"))
+                    stats.errors += 1
+                    continue
                 i = int(p.argmax())
                 flag = bool(p[mel] >= thr)
                 rows.append(Row(rel, "ok", "", codes[i], float(p[i]), tuple(float(v) for v in p), flag, w, h))
@@ -83,7 +88,7 @@ def scan(files: list[Path], folder: Path, engine: Engine, writer: ResultsWriter,
                 break
             path, fut = pending.popleft()
             x, size, err = fut.result()
-            rel = path.relative_to(folder).as_posix()
+            rel = printable(path.relative_to(folder).as_posix())
             if err is not None:
                 errors.append(Row(rel, "error", err))
             else:

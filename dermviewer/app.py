@@ -19,6 +19,7 @@ from dermviewer.inference import Guide, InferenceThread, Result
 from dermviewer.mailbox import Mailbox
 from dermviewer.snapshot import save_snapshot
 from dermviewer.sources import CaptureThread, Frame, SourceStatus, describe
+from engines.display import pct
 from dermviewer.stats import Rate, RunStats
 from dermviewer.view import FrameView
 from engines.engine import Engine
@@ -29,12 +30,15 @@ NOTICE = "Decision support, not a diagnosis."
 
 class ViewerWindow(QMainWindow):
     def __init__(self, engine: Engine, source: str, backend_reason: str = "", smoothing: int = 5,
-                 snapshot_dir: Path = Path("snapshots"), source_fps: float | None = None, loop: bool = True):
+                 snapshot_dir: Path = Path("snapshots"), source_fps: float | None = None, loop: bool = True,
+                 model_label: str | None = None):
         super().__init__()
         self.engine = engine
         self.snapshot_dir = snapshot_dir
         self.source_fps, self.loop = source_fps, loop
-        self.setWindowTitle(f"DermEdge viewer: {engine.bundle.model_name}")
+        self.model_label = model_label or engine.bundle.model_name
+        self.setWindowTitle(f"DermEdge viewer — {self.model_label}")
+        self.last_error = ""
         self.frames: Mailbox[Frame] = Mailbox()
         self.results: Mailbox[Result] = Mailbox()
         self.status: Mailbox[SourceStatus] = Mailbox()
@@ -60,21 +64,28 @@ class ViewerWindow(QMainWindow):
     def _build_ui(self, backend_reason: str, smoothing: int) -> None:
         self.view = FrameView()
         side = QVBoxLayout()
-        title = QLabel(f"<b>{self.engine.bundle.model_name}</b> @ {self.engine.bundle.preprocess.size}px")
+        title = QLabel(f"<b>{self.model_label}</b> ({self.engine.bundle.model_name} @ "
+                       f"{self.engine.bundle.preprocess.size}px)")
+        title.setWordWrap(True)
         side.addWidget(title)
         self.bars = []
         for _ in range(3):
-            name, bar = QLabel("–"), QProgressBar()
+            name, bar, value = QLabel("–"), QProgressBar(), QLabel("")
+            name.setWordWrap(True)
             bar.setRange(0, 1000)
-            bar.setTextVisible(True)
-            bar.setFormat("")
+            bar.setTextVisible(False)  # the number sits beside the bar, never across its edge
+            value.setFixedWidth(64)
+            value.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+            row = QHBoxLayout()
+            row.addWidget(bar, 1)
+            row.addWidget(value)
             side.addWidget(name)
-            side.addWidget(bar)
-            self.bars.append((name, bar))
+            side.addLayout(row)
+            self.bars.append((name, bar, value))
         self.fps_label = QLabel("camera – fps · inference – fps · display – fps")
         self.fps_label.setWordWrap(True)
-        self.backend_label = QLabel(f"backend: {self.engine.backend}")
-        self.backend_label.setToolTip(backend_reason)
+        self.backend_label = QLabel(f"backend: {self.engine.backend}"
+                                    + (f"<br><span style='color:#666'>{backend_reason}</span>" if backend_reason else ""))
         self.backend_label.setWordWrap(True)
         self.source_label = QLabel("")
         self.source_label.setWordWrap(True)
@@ -105,14 +116,16 @@ class ViewerWindow(QMainWindow):
         side.addLayout(form)
 
         buttons = [("Freeze (Space)", self.toggle_freeze), ("Snapshot (S)", self.snapshot),
-                   ("Open image / folder (O)", self.open_dialog), ("Camera… (C)", self.pick_camera),
-                   ("Retry source (R)", self.retry)]
-        for i, (text, slot) in enumerate(buttons):
+                   ("Open image or video (O)", self.open_dialog), ("Open folder (F)", self.open_folder_dialog),
+                   ("Camera… (C)", self.pick_camera), ("Retry source (R)", self.retry)]
+        made = {}
+        for text, slot in buttons:
             b = QPushButton(text)
             b.clicked.connect(slot)
             side.addWidget(b)
-            if i == 0:
-                self.freeze_button = b
+            made[text] = b
+        self.freeze_button, self.snapshot_button = made["Freeze (Space)"], made["Snapshot (S)"]
+        self.snapshot_button.setEnabled(False)  # until a frame arrives
         side.addStretch(1)
         notice = QLabel(f"<b>{NOTICE}</b>")
         notice.setWordWrap(True)
@@ -121,15 +134,17 @@ class ViewerWindow(QMainWindow):
 
         panel = QWidget()
         panel.setLayout(side)
-        panel.setFixedWidth(300)
+        panel.setFixedWidth(340)
         root = QWidget()
         lay = QHBoxLayout(root)
         lay.addWidget(self.view, 1)
         lay.addWidget(panel)
         self.setCentralWidget(root)
-        self.resize(1000, 600)
+        self.resize(1040, 640)
+        self.setMinimumSize(820, 560)  # below this the controls squash and the disclaimer is cut
         for key, slot in ((Qt.Key.Key_Space, self.toggle_freeze), (Qt.Key.Key_S, self.snapshot),
-                          (Qt.Key.Key_O, self.open_dialog), (Qt.Key.Key_C, self.pick_camera),
+                          (Qt.Key.Key_O, self.open_dialog), (Qt.Key.Key_F, self.open_folder_dialog),
+                          (Qt.Key.Key_C, self.pick_camera),
                           (Qt.Key.Key_R, self.retry), (Qt.Key.Key_H, self.heat_box.toggle),
                           (Qt.Key.Key_Right, lambda: self.step(1)), (Qt.Key.Key_Left, lambda: self.step(-1))):
             QShortcut(QKeySequence(key), self, activated=slot)
@@ -141,7 +156,9 @@ class ViewerWindow(QMainWindow):
             self.capture.join(timeout=1.0)
         self.source = source
         self.source_label.setText(f"source: {describe(source)}")
+        self._clear("")
         self.view.message = f"opening {describe(source)}…"
+        self.view.update()
         self.capture = CaptureThread(source, self.frames, self.status, loop=self.loop, fps=self.source_fps)
         self.capture.start()
 
@@ -149,15 +166,23 @@ class ViewerWindow(QMainWindow):
         if self.capture is not None:
             self.capture.retry_now()
 
-    def step(self, delta: int) -> None:
+    def step(self, delta: int) -> bool:
+        if self.frozen:
+            self.statusBar().showMessage("frozen: press Space to unfreeze before stepping to another image", 5000)
+            return False
         if self.capture is not None:
             self.capture.request_step(delta)
+        return True
 
     def open_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Open image or video", "",
-                                              "Images and videos (*.jpg *.jpeg *.png *.bmp *.tif *.tiff *.mp4 *.avi *.mkv)")
-        if not path:
-            path = QFileDialog.getExistingDirectory(self, "…or a folder of images")
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Open image or video", "",
+            "Images and videos (*.jpg *.jpeg *.png *.bmp *.tif *.tiff *.webp *.gif *.mp4 *.avi *.mkv *.mov)")
+        if path:  # Cancel opens nothing
+            self.open_source(path)
+
+    def open_folder_dialog(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Open a folder of images")
         if path:
             self.open_source(path)
 
@@ -190,11 +215,12 @@ class ViewerWindow(QMainWindow):
 
     def snapshot(self) -> tuple[Path, Path] | None:
         if self.frame is None:
-            self.view.message = "nothing to save yet"
+            self.statusBar().showMessage("nothing to save: no picture from the source", 5000)
             return None
+        result = self.result if self.result is not None and self.result.frame_index <= self.frame.index else None
         try:
-            paths = save_snapshot(self.snapshot_dir, self.frame.rgb, self.result, self.engine.bundle.classes,
-                                  self.engine.bundle.model_name, self.engine.backend, self.source,
+            paths = save_snapshot(self.snapshot_dir, self.frame.rgb, result, self.engine.bundle.classes,
+                                  self.model_label, self.engine.backend, self.frame.source,
                                   self.engine.bundle.mel_threshold)
         except OSError as e:
             self.statusBar().showMessage(f"snapshot failed: {e}", 8000)
@@ -203,19 +229,40 @@ class ViewerWindow(QMainWindow):
         return paths
 
     # ---- the UI loop: poll, never wait --------------------------------------------------------------
+    def _clear(self, message: str) -> None:
+        """No picture and no result from a source that is gone: nothing stale stays on screen or in a snapshot."""
+        self.frame = self.result = None
+        self.view.image = None
+        self.view.frame_shape = (0, 0)
+        self.view.set_result(None)
+        self.view.alert_text = ""
+        self.view.heat_caption = ""
+        self.view.message = message
+        for name, bar, value in self.bars:
+            name.setText("–")
+            bar.setValue(0)
+            value.setText("")
+        self.snapshot_button.setEnabled(False)
+        self.worker.smoother.buf.clear()
+
     def poll(self) -> None:
         seq, st = self.status.peek()
         if seq != self.seen["status"]:
             self.seen["status"] = seq
-            self.view.message = "" if st.ok else (
-                f"{st.message} — retrying; press R to retry now or O/C for another source")
             if st.notice:
                 self.statusBar().showMessage(st.message, 5000)
+            elif st.ok:
+                self.view.message = ""
+                self.last_error = ""
+            else:
+                self.last_error = st.message
+                self._clear(f"NO SIGNAL — {st.message}; retrying (R: retry now; O, F or C: another source)")
+            self.view.update()  # a source that failed is said at once, not at the next repaint
         if self.frozen:
             return
         changed = new_frame = False
         seq, res = self.results.peek()
-        if seq != self.seen["result"] and res is not None:
+        if seq != self.seen["result"] and res is not None and self.frame is not None:
             self.seen["result"] = seq
             self.result = res
             self.infer_rate.tick()
@@ -231,8 +278,8 @@ class ViewerWindow(QMainWindow):
             self.seen["frame"] = seq
             self.frame = frame
             self.view.set_frame(frame.rgb)
-            if frame.name:
-                self.source_label.setText(f"source: {describe(self.source)} · {frame.name}")
+            self.snapshot_button.setEnabled(True)
+            self.source_label.setText(f"source: {source_text(self.source, frame)}")
             changed = new_frame = True
         if changed:
             self.view.repaint()  # paint now: the figure we report is frames actually drawn
@@ -246,13 +293,13 @@ class ViewerWindow(QMainWindow):
     def _show_result(self, r: Result) -> None:
         order = r.probs.argsort()[::-1][:3]
         codes = self.engine.bundle.classes
-        for (name, bar), i in zip(self.bars, order):
+        for (name, bar, value), i in zip(self.bars, order):
             name.setText(f"{class_name(codes[i])} ({codes[i]})")
             bar.setValue(int(r.probs[i] * 1000))
-            bar.setFormat(f"{100 * r.probs[i]:.1f}%")
-        mel_p = r.probs[self.engine.bundle.mel_index]
-        self.view.alert_text = (f"MELANOMA ALERT: p(mel) {100 * mel_p:.0f}% ≥ threshold "
-                                f"{100 * self.engine.bundle.mel_threshold:.0f}%" if r.melanoma_flag else "")
+            value.setText(pct(r.probs[i]))
+        self.view.alert_text = alert_text(r.probs[self.engine.bundle.mel_index], self.engine.bundle.mel_threshold) \
+            if r.melanoma_flag else ""
+        self.view.heat_caption = heat_caption(r) if self.worker.heatmap else ""
 
     def _show_rates(self) -> None:
         lat = self.run_stats.latency(95)
@@ -286,6 +333,26 @@ class ViewerWindow(QMainWindow):
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt's name
         self.shutdown()
         super().closeEvent(event)
+
+
+def alert_text(p_mel: float, threshold: float) -> str:
+    """What the alert means, read in a second: the melanoma probability, the cut-off and why it is low."""
+    return (f"MELANOMA ALERT — p(melanoma) {pct(p_mel)} ≥ cut-off {pct(threshold)}\n"
+            f"The cut-off is set low to catch ≥90% of melanomas (validation); most flagged lesions are not melanomas.")
+
+
+def heat_caption(r: Result) -> str:
+    if r.heat_class is None:
+        return ""
+    what = f"heat map: where the model sees {class_name(r.heat_class).lower()}"
+    return what + (" — no area stands out" if r.heat_flat else "")
+
+
+def source_text(source: str, frame: Frame) -> str:
+    """The source once, plus the image and its place in a folder ("3 / 12")."""
+    if frame.position is not None:
+        return f"{describe(source)} · {frame.name} ({frame.position[0]} / {frame.position[1]})"
+    return describe(source)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,6 +391,8 @@ def run_scripted(win: ViewerWindow, app: QApplication, frames: int, screenshot: 
     QTimer.singleShot(int(max_s * 1000), finish)
     app.exec()
     summary = win.summary()
+    if summary["frames"] == 0 or win.result is None:
+        summary["error"] = win.last_error or f"no classified frame from {describe(win.source)} in {max_s:g} s"
     win.close()
     return summary
 
@@ -333,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     from engines.select import open_engine
 
     a = build_parser().parse_args(argv)
+    missing = missing_qt_libraries()
+    if missing:
+        print(f"dermviewer: error: Qt's X11 plugin needs system libraries that are missing: {', '.join(missing)} "
+              f"(Debian/Ubuntu: sudo apt-get install {' '.join(missing)})", file=sys.stderr)
+        return 2
     try:
         choice = open_engine(a.model, a.backend, a.threads, max_batch=1)
     except BundleError as e:
@@ -340,12 +414,38 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = QApplication.instance() or QApplication(sys.argv[:1])
     win = ViewerWindow(choice.engine, a.source, choice.reason, a.smooth, Path(a.snapshots), a.source_fps,
-                       loop=not a.no_loop)
+                       loop=not a.no_loop, model_label=model_label(a.model))
     win.show()
     if a.frames:
-        print(json.dumps(run_scripted(win, app, a.frames, a.screenshot, a.max_seconds)))
-        return 0
+        summary = run_scripted(win, app, a.frames, a.screenshot, a.max_seconds)
+        print(json.dumps(summary))
+        return 1 if "error" in summary else 0
     return app.exec()
+
+
+# Debian/Ubuntu packages Qt 6's xcb platform plugin loads at start; without them it aborts (exit 134) with a
+# message that names only the first. (library soname stem, package)
+XCB_LIBRARIES = (("xcb-cursor", "libxcb-cursor0"), ("xcb-icccm", "libxcb-icccm4"), ("xcb-keysyms", "libxcb-keysyms1"),
+                 ("xkbcommon-x11", "libxkbcommon-x11-0"), ("xcb-shape", "libxcb-shape0"))
+
+
+def missing_qt_libraries() -> list[str]:
+    """Packages missing for the X11 (xcb) platform; none when Qt will not use it (offscreen, Wayland, not Linux)."""
+    import ctypes.util
+    import os
+
+    platform = os.environ.get("QT_QPA_PLATFORM", "")
+    if not sys.platform.startswith("linux") or platform not in ("", "xcb") or (
+            not platform and not os.environ.get("DISPLAY")):
+        return []
+    return [pkg for lib, pkg in XCB_LIBRARIES if ctypes.util.find_library(lib) is None]
+
+
+def model_label(model: str | None) -> str:
+    """The name a clinician knows the model by: the shipped name (default, convnext) or the file's name."""
+    if model is None:
+        return "default"
+    return Path(model).stem if str(model).endswith(".onnx") else str(model)
 
 
 if __name__ == "__main__":

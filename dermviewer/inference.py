@@ -35,6 +35,8 @@ class Result:
     confidence: float
     melanoma_flag: bool
     heat_rgba: np.ndarray | None  # colour heat map of the region, RGBA uint8, region-sized
+    heat_class: str | None  # the class the heat map explains: melanoma while the alert is up, else the top label
+    heat_flat: bool  # no place in the region stands out for that class (the map is shown empty, not rescaled)
     box: tuple[int, int, int, int]
     latency_ms: float  # from frame capture to this result
     infer_ms: float
@@ -105,8 +107,14 @@ class InferenceThread(threading.Thread):
         infer_ms = (time.perf_counter() - t0) * 1000
         probs = self.smoother(pred.probs)
         i = int(np.argmax(probs))
-        heat = heat_overlay(pred.cam, s, self.guide.shape == "circle") if (self.heatmap and pred.cam is not None) else None
+        flag = bool(probs[mel] >= self.engine.bundle.mel_threshold)
+        explained = mel if flag else i
+        heat, heat_class, flat = None, None, False
+        if self.heatmap and pred.cams is not None:
+            m = pred.heat(explained)
+            flat = not m.any()
+            heat = None if flat else heat_overlay(m, s, self.guide.shape == "circle")
+            heat_class = self.engine.bundle.classes[explained]
         self.count += 1
-        return Result(frame.index, probs, pred.probs, self.engine.bundle.classes[i], float(probs[i]),
-                      bool(probs[mel] >= self.engine.bundle.mel_threshold), heat, box,
-                      (time.perf_counter() - frame.t_capture) * 1000, infer_ms)
+        return Result(frame.index, probs, pred.probs, self.engine.bundle.classes[i], float(probs[i]), flag, heat,
+                      heat_class, flat, box, (time.perf_counter() - frame.t_capture) * 1000, infer_ms)

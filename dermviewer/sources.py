@@ -23,6 +23,7 @@ class Frame:
     index: int
     source: str
     name: str = ""  # file name, for stills
+    position: tuple[int, int] | None = None  # (n, of) in a folder of stills
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class StillSource:
 
     def __init__(self, path: str, fps: float = 30.0):
         p = Path(path)
+        self.folder = p if p.is_dir() else None
         if p.is_dir():
             self.files = sorted(f for f in p.iterdir() if f.is_file() and is_image_file(f.name))
         elif p.is_file():
@@ -104,7 +106,15 @@ class StillSource:
         self.pos = (self.pos + delta) % len(self.files)
         self.current = None
 
+    @property
+    def position(self) -> tuple[int, int] | None:
+        return (self.pos + 1, len(self.files)) if self.folder is not None else None
+
     def read(self) -> np.ndarray:
+        if self.folder is not None and not self.folder.is_dir():
+            raise SourceError(f"{self.folder}: no such folder (moved or deleted?)")
+        if self.folder is None and not self.files[0].is_file():
+            raise SourceError(f"{self.files[0]}: no such image (moved or deleted?)")
         tries = 0
         while self.current is None:
             try:
@@ -127,6 +137,8 @@ def open_source(source: str, loop: bool = True, fps: float | None = None):
         return StillSource(source, fps or 30.0)
     if p.suffix.lower() in VIDEO_SUFFIXES or source.isdigit() or source.startswith("/dev/video") or p.is_file():
         return CaptureSource(source, loop, fps)
+    if not p.exists():
+        raise SourceError(f"{source}: no such file or folder")
     raise SourceError(f"{source}: not a camera, video, image or folder")
 
 
@@ -187,8 +199,9 @@ class CaptureThread(threading.Thread):
             if isinstance(src, StillSource) and src.skipped:
                 self.status.put(SourceStatus(True, "skipped unreadable image: " + src.skipped.pop(), notice=True))
             self.index += 1
+            still = isinstance(src, StillSource)
             self.frames.put(Frame(rgb, time.perf_counter(), self.index, self.source_name,
-                                  src.name if isinstance(src, StillSource) else ""))
+                                  src.name if still else "", src.position if still else None))
             if src.period:
                 next_t += src.period
                 delay = next_t - time.perf_counter()

@@ -20,11 +20,14 @@ class Rate:
         while self.times and t - self.times[0] > self.window:
             self.times.popleft()
 
-    def per_s(self) -> float:
+    def per_s(self, now: float | None = None) -> float:
+        """Events per second over the window; decays to 0 once events stop (a dead source reads 0 fps)."""
+        now = time.perf_counter() if now is None else now
+        while self.times and now - self.times[0] > self.window:
+            self.times.popleft()
         if len(self.times) < 2:
             return 0.0
-        span = self.times[-1] - self.times[0]
-        return (len(self.times) - 1) / span if span > 0 else 0.0
+        return (len(self.times) - 1) / max(now - self.times[0], self.times[-1] - self.times[0])
 
 
 class RunStats:

@@ -27,6 +27,7 @@ class FrameView(QWidget):
         self.heat: QImage | None = None
         self.guide = Guide()
         self.alert_text = ""
+        self.heat_caption = ""
         self.message = ""
         self.frozen = False
 
@@ -62,12 +63,23 @@ class FrameView(QWidget):
                 p.drawEllipse(region)
             else:
                 p.drawRect(region)
+            if self.heat_caption:
+                cap = QRectF(0, min(region.bottom() + 4, self.height() - 60), self.width(), 22)
+                p.fillRect(cap, QColor(18, 22, 28, 170))
+                p.setPen(QColor(235, 235, 235))
+                p.setFont(QFont("Sans", 10))
+                p.drawText(cap, Qt.AlignmentFlag.AlignCenter, self.heat_caption)
         if self.alert_text:
-            band = QRectF(0, 0, self.width(), 54)
+            headline, _, why = self.alert_text.partition("\n")
+            band = QRectF(0, 0, self.width(), 66 if why else 54)
             p.fillRect(band, QColor(198, 40, 40, 235))
             p.setPen(QColor("white"))
-            p.setFont(QFont("Sans", 17, QFont.Weight.Bold))
-            p.drawText(band, Qt.AlignmentFlag.AlignCenter, self.alert_text)
+            p.setFont(QFont("Sans", 15, QFont.Weight.Bold))
+            p.drawText(QRectF(8, 4, self.width() - 16, 34), Qt.AlignmentFlag.AlignCenter, headline)
+            if why:
+                p.setFont(QFont("Sans", 10))
+                p.drawText(QRectF(8, 38, self.width() - 16, 24),
+                           Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap, why)
         if self.frozen:
             p.setPen(QColor(255, 214, 0))
             p.setFont(QFont("Sans", 14, QFont.Weight.Bold))

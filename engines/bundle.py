@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+from engines.display import snap_threshold
 from engines.labels import CLASS_CODES, CLASS_NAMES, MEL_INDEX
 from engines.preprocess import PreprocessSpec
 
@@ -64,7 +65,9 @@ class ModelBundle:
         if b.classes != CLASS_CODES:
             raise BundleError(f"{where}: model classes {list(b.classes)} differ from {list(CLASS_CODES)}")
         b.validate(where)
-        return b
+        # Thresholds are whole hundredths of a percent, so the number shown is the number used (engines.display).
+        return replace(b, mel_threshold=snap_threshold(b.mel_threshold),
+                       mel_thresholds={k: snap_threshold(v) for k, v in b.mel_thresholds.items()})
 
     def validate(self, where: str) -> None:
         """Numbers that would silently give wrong results (a NaN threshold flags nothing; temperature 0 gives NaN

@@ -16,7 +16,11 @@ class Prediction:
     label: str
     confidence: float
     melanoma_flag: bool  # p(mel) at or above the model's operating threshold
-    cam: np.ndarray | None = None  # class activation map of the predicted class, h x w in [0, 1]
+    cams: np.ndarray | None = None  # class activation maps, K x h x w, in logit units (what each place adds)
+
+    def heat(self, class_index: int) -> np.ndarray | None:
+        """The map of one class scaled to [0, 1], or all zeros when no place stands out (see normalize_cam)."""
+        return None if self.cams is None else normalize_cam(self.cams[class_index])
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -27,9 +31,14 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def normalize_cam(cam: np.ndarray) -> np.ndarray:
+# A class activation map whose places differ by less than this many logits explains nothing in particular:
+# min-max scaling would still paint a hot spot on it, so it is shown flat.
+FLAT_CAM_LOGITS = 1.0
+
+
+def normalize_cam(cam: np.ndarray, min_spread: float = FLAT_CAM_LOGITS) -> np.ndarray:
     lo, hi = float(cam.min()), float(cam.max())
-    return ((cam - lo) / (hi - lo) if hi > lo else np.zeros_like(cam)).astype(np.float32)
+    return ((cam - lo) / (hi - lo) if hi - lo >= min_spread else np.zeros_like(cam)).astype(np.float32)
 
 
 class Engine(ABC):
@@ -94,7 +103,7 @@ class Engine(ABC):
         codes = self.bundle.classes
         return Prediction(probs=p, label=codes[i], confidence=float(p[i]),
                           melanoma_flag=bool(p[self.bundle.mel_index] >= threshold),
-                          cam=None if cam is None else normalize_cam(cam[i]))
+                          cams=cam)
 
     def describe(self) -> str:
         return f"{self.bundle.model_name} @ {self.bundle.preprocess.size}px on {self.backend}"

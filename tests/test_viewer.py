@@ -68,7 +68,7 @@ def test_overlay_shows_the_engines_label_for_a_known_frame(qapp, engine, sample_
         expected = engine.predict_one(np.ascontiguousarray(frame[top:top + s, left:left + s]))
         assert win.result.label == expected.label
         assert np.allclose(win.result.probs, expected.probs, atol=1e-5)
-        shown = [name.text() for name, _ in win.bars][0]
+        shown = [name.text() for name, _, _ in win.bars][0]
         assert f"({expected.label})" in shown
         assert ("MELANOMA ALERT" in win.view.alert_text) == expected.melanoma_flag
         ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from engines.display import snap_threshold
 from engines.engine import softmax  # noqa: F401 - metrics and runtime calibrate with one softmax
 from engines.labels import CLASS_CODES, MEL_INDEX, class_name
 
@@ -103,7 +104,8 @@ def threshold_for_sensitivity(p_pos: np.ndarray, positive: np.ndarray, target: f
     k = max(1, math.ceil(target * len(scores)))
     top = float(scores[k - 1])
     below = p_pos[p_pos < top]
-    return (top + float(below.max())) / 2 if len(below) else top
+    t = (top + float(below.max())) / 2 if len(below) else top
+    return snap_threshold(t)  # rounded down: shown exactly, and at least as sensitive
 
 
 def binary_rates(p_pos: np.ndarray, positive: np.ndarray, threshold: float) -> dict:

@@ -10,13 +10,16 @@ from pathlib import Path
 import cv2
 
 from engines.bundle import ModelBundle
+from engines.display import pct
 from engines.fsutil import write_text
 from engines.imageio import ImageReadError, load_rgb
 from engines.labels import CLASS_CODES, class_name
 from engines.scan.results import Row, printable
 
-MAX_THUMBNAILS = 1500  # beyond this the report would weigh tens of MB; suspects get theirs first
-THUMB = 72
+# Every melanoma suspect gets its picture; other rows get one while fewer than this many are shown. 64 px JPEGs
+# at quality 60 weigh about 2.5 KB each in base64: a 10,015-image scan stays a self-contained file of ~15 MB.
+MAX_UNFLAGGED_THUMBNAILS = 2000
+THUMB = 64
 
 VALIDATION_LABELS = {
     "accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
@@ -32,21 +35,34 @@ STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2733}
 h1{margin-bottom:4px} .notice{background:#fff4e5;border:2px solid #e07b00;padding:10px 14px;font-weight:600;margin:12px 0}
 table{border-collapse:collapse;font-size:13px} th,td{border-bottom:1px solid #dde3ea;padding:4px 8px;text-align:left}
-th.s{cursor:pointer;user-select:none;background:#f2f5f8} th.s:hover{background:#e3e9f0}
+th.s{cursor:pointer;user-select:none;background:#f2f5f8;white-space:nowrap} th.s:hover{background:#e3e9f0}
+th.s[data-dir=asc]::after{content:" \\25B2"} th.s[data-dir=desc]::after{content:" \\25BC"}
 tr.flag td{background:#fde8e8} .num{text-align:right;font-variant-numeric:tabular-nums}
 img{width:%dpx;height:auto;border-radius:3px;display:block} .meta td{border:none;padding:2px 10px 2px 0}
 .pill{display:inline-block;padding:1px 6px;border-radius:8px;background:#c62828;color:#fff;font-size:11px}
+.filters{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #dde3ea;z-index:1}
+.filters input,.filters select{margin-right:14px;font-size:13px} a{color:#1d4f91}
 """ % THUMB
 
+# Numeric columns sort high-to-low on the first click (the suspects first), text columns A-Z.
 SCRIPT = """
-document.querySelectorAll('table.sortable').forEach(function(t){
- t.querySelectorAll('th.s').forEach(function(th,i){th.addEventListener('click',function(){
-  var idx=Array.prototype.indexOf.call(th.parentNode.children,th), b=t.tBodies[0], rows=Array.from(b.rows);
-  var asc=th.dataset.dir!=='asc'; th.dataset.dir=asc?'asc':'desc';
-  rows.sort(function(r1,r2){var a=r1.children[idx].dataset.v||r1.children[idx].textContent,
-   c=r2.children[idx].dataset.v||r2.children[idx].textContent, x=parseFloat(a), y=parseFloat(c);
-   if(!isNaN(x)&&!isNaN(y)) return asc?x-y:y-x; return asc?a.localeCompare(c):c.localeCompare(a);});
-  rows.forEach(function(r){b.appendChild(r);});});});});
+var tbl=document.getElementById('results'), body=tbl.tBodies[0], rows=Array.from(body.rows);
+tbl.querySelectorAll('th.s').forEach(function(th){th.addEventListener('click',function(){
+ var idx=Array.prototype.indexOf.call(th.parentNode.children,th), num=th.classList.contains('num');
+ var asc=th.dataset.dir?th.dataset.dir!=='asc':!num;
+ tbl.querySelectorAll('th.s').forEach(function(o){delete o.dataset.dir;}); th.dataset.dir=asc?'asc':'desc';
+ rows.sort(function(r1,r2){var a=r1.children[idx].dataset.v||r1.children[idx].textContent,
+  c=r2.children[idx].dataset.v||r2.children[idx].textContent, x=parseFloat(a), y=parseFloat(c);
+  if(!isNaN(x)&&!isNaN(y)) return asc?x-y:y-x; return asc?a.localeCompare(c):c.localeCompare(a);});
+ rows.forEach(function(r){body.appendChild(r);});});});
+function applyFilters(){
+ var flagged=document.getElementById('f-flag').checked, cls=document.getElementById('f-class').value,
+  q=document.getElementById('f-search').value.toLowerCase(), shown=0;
+ rows.forEach(function(r){var ok=(!flagged||r.classList.contains('flag'))&&(!cls||r.dataset.label===cls)&&
+  (!q||r.dataset.file.toLowerCase().indexOf(q)>=0); r.style.display=ok?'':'none'; if(ok) shown++;});
+ document.getElementById('f-count').textContent=shown+' of '+rows.length+' rows shown';}
+['f-flag','f-class','f-search'].forEach(function(id){document.getElementById(id).addEventListener('input',applyFilters);});
+applyFilters();
 """
 
 
@@ -56,14 +72,17 @@ def _thumb(path: Path) -> str | None:
     except ImageReadError:
         return None
     h, w = rgb.shape[:2]
-    scale = THUMB * 2 / max(h, w)  # fit a 2*THUMB square whatever the aspect (a 1x40000 image stays tiny)
+    scale = THUMB / max(h, w)  # fit a 2*THUMB square whatever the aspect (a 1x40000 image stays tiny)
     small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 70])
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(small, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 60])
     return base64.b64encode(buf.tobytes()).decode("ascii") if ok else None
 
 
-def _fmt(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def _uri(path: Path) -> str:
+    try:
+        return path.resolve().as_uri()
+    except ValueError:
+        return ""
 
 
 def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, model_path: str,
@@ -75,7 +94,8 @@ def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, mod
     ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: (not r.melanoma_flag, -r.probs[mel]))
     errors = sorted((r for r in rows if r.status != "ok"), key=lambda r: r.file)
     flagged = [r for r in ok if r.melanoma_flag]
-    thumbs = {r.file: _thumb(paths.get(r.file, folder / r.file)) for r in ok[:MAX_THUMBNAILS]}
+    pictured = flagged + [r for r in ok if not r.melanoma_flag][:MAX_UNFLAGGED_THUMBNAILS]
+    thumbs = {r.file: _thumb(paths.get(r.file, folder / r.file)) for r in pictured}
     counts = Counter(r.label for r in ok)
     e = html.escape
     v = bundle.validation or {}
@@ -88,23 +108,30 @@ def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, mod
            "<h2>Summary</h2><table class='meta'>",
            f"<tr><td>images scanned</td><td>{len(ok) + len(errors)}</td></tr>",
            f"<tr><td>classified</td><td>{len(ok)}</td></tr><tr><td>unreadable</td><td>{len(errors)}</td></tr>",
-           f"<tr><td>melanoma suspects</td><td><b>{len(flagged)}</b> (p(mel) &ge; {thr:.4f})</td></tr>",
+           f"<tr><td>melanoma suspects</td><td><b>{len(flagged)}</b> (p(mel) &ge; {pct(thr)})</td></tr>",
            "</table><h3>Per class (top-1 label)</h3><table><tr><th>class</th><th>code</th><th class='num'>images</th></tr>"]
     for c in CLASS_CODES:
         out.append(f"<tr><td>{e(class_name(c))}</td><td>{c}</td><td class='num'>{counts.get(c, 0)}</td></tr>")
     out += ["</table>", "<h2>Model</h2><table class='meta'>",
             f"<tr><td>model</td><td>{e(bundle.model_name)} @ {bundle.preprocess.size}px ({e(bundle.precision)}), "
             f"{e(model_path)}</td></tr><tr><td>backend</td><td>{e(backend)}</td></tr>",
-            f"<tr><td>melanoma operating threshold</td><td>{thr:.4f} (test-time views: {e(tta)}; chosen on validation for "
-            f"&ge;90% melanoma sensitivity)</td></tr><tr><td>temperature</td><td>{bundle.temperature:.3f}</td></tr>"]
+            f"<tr><td>melanoma operating threshold</td><td>{pct(thr)} (test-time views: {e(tta)}; chosen on validation "
+            f"for &ge;90% melanoma sensitivity: most flagged lesions are not melanomas)</td></tr><tr><td>temperature</td><td>{bundle.temperature:.3f}</td></tr>"]
     for k, label in VALIDATION_LABELS.items():
         if k in v:
-            out.append(f"<tr><td>validation {label}</td><td>{_fmt(v[k])}</td></tr>")
+            out.append(f"<tr><td>validation {label}</td><td>{pct(v[k])}</td></tr>")
     out.append(f"<tr><td>split manifest</td><td>{e(bundle.split_sha256[:12])}</td></tr></table>")
+    unpictured = len(ok) - len(pictured)
     out += ["<h2>Results</h2>",
-            f"<p>Melanoma suspects first, then by p(mel). Click a column to sort. "
-            f"{'Thumbnails for the first %d rows.' % MAX_THUMBNAILS if len(ok) > MAX_THUMBNAILS else ''}</p>",
-            "<table class='sortable'><thead><tr><th></th><th class='s'>file</th><th class='s'>flag</th>"
+            "<p>Melanoma suspects first, then by p(mel). Click a column to sort (numbers: highest first). "
+            "File names open the image. Every suspect has its picture"
+            + (f"; {unpictured} other rows have none, to keep this file small." if unpictured else ".") + "</p>",
+            "<div class='filters'><label><input type='checkbox' id='f-flag'> melanoma suspects only</label> "
+            "<label>label <select id='f-class'><option value=''>all</option>"
+            + "".join(f"<option value='{c}'>{e(class_name(c))} ({c})</option>" for c in CLASS_CODES)
+            + "</select></label> <label>file <input type='search' id='f-search' placeholder='part of a name'></label> "
+            "<span id='f-count'></span></div>",
+            "<table id='results'><thead><tr><th></th><th class='s'>file</th><th class='s num'>flag</th>"
             "<th class='s'>label</th><th class='s num'>confidence</th>"
             + "".join(f"<th class='s num' title='{e(class_name(c))}'>p({c})</th>" for c in CLASS_CODES)
             + "</tr></thead><tbody>"]
@@ -112,10 +139,12 @@ def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, mod
         t = thumbs.get(r.file)
         img = f"<img alt='' src='data:image/jpeg;base64,{t}'>" if t else ""
         flag = "<span class='pill'>MEL</span>" if r.melanoma_flag else ""
-        out.append(f"<tr class='{'flag' if r.melanoma_flag else ''}'><td>{img}</td><td>{e(r.file)}</td>"
+        link = f"<a href='{e(_uri(paths.get(r.file, folder / r.file)))}'>{e(r.file)}</a>"
+        out.append(f"<tr class='{'flag' if r.melanoma_flag else ''}' data-label='{r.label}' data-file='{e(r.file)}'>"
+                   f"<td>{img}</td><td>{link}</td>"
                    f"<td data-v='{int(r.melanoma_flag)}'>{flag}</td><td title='{e(class_name(r.label))}'>{r.label}</td>"
-                   f"<td class='num' data-v='{r.confidence:.6f}'>{_fmt(r.confidence)}</td>"
-                   + "".join(f"<td class='num' data-v='{p:.6f}'>{_fmt(p)}</td>" for p in r.probs) + "</tr>")
+                   f"<td class='num' data-v='{r.confidence:.6f}'>{pct(r.confidence)}</td>"
+                   + "".join(f"<td class='num' data-v='{p:.6f}'>{pct(p)}</td>" for p in r.probs) + "</tr>")
     out.append("</tbody></table>")
     out.append(f"<h2>Unreadable files ({len(errors)})</h2>")
     if errors:

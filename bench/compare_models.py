@@ -1,9 +1,10 @@
 """Comparison table of trained models on the test split, from their run folders and ONNX bundles.
 
-    python bench/compare_models.py NAME=RUN_DIR:MODEL.onnx [...] --out docs/models/comparison.md
+    python bench/compare_models.py NAME=RUN_DIR:MODEL.onnx [...] --out docs/models/comparison.md [--scan DIR]
 
-Reads RUN_DIR/metrics.json (and metrics_tta.json where present, from `dermtrain eval --tta flip`), times the
-ONNX bundle at batch 1 on ONNX Runtime with 2 threads, and prints / writes the markdown table.
+Reads RUN_DIR/metrics.json (and metrics_flip.json where present, from `dermtrain eval --tta flip`), times the
+ONNX bundle at batch 1 on ONNX Runtime with 2 threads, adds the training time from the run's history, with --scan
+the share of all images of DIR the bundle flags as melanoma suspects, and prints / writes the markdown table.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from engines.labels import CLASS_CODES
 
 
 def latency_ms(onnx_path: Path, runs: int = 100) -> float:
@@ -34,12 +37,39 @@ def pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def row(name: str, m: dict, onnx_path: Path, lat: float) -> str:
-    mel_a, mel_t = m["melanoma"]["argmax"], m["melanoma"]["threshold"]
+def training_minutes(run: Path) -> float | None:
+    """Wall time of the run: its epochs plus the feature bank build (fast path)."""
+    f = run / "history.json"
+    if not f.is_file():
+        return None
+    hist = json.loads(f.read_text())
+    return sum(h.get("seconds", 0) + h.get("bank_seconds", 0) for h in hist) / 60
+
+
+def flagged_share(onnx_path: Path, folder: Path, tta: str) -> float:
+    """Share of every image in the folder that the bundle flags (what a full archive scan would flag)."""
+    from engines.imageio import load_rgb
+    from engines.onnx_backend import OrtEngine
+    from engines.preprocess import preprocess
+    from engines.scan.discover import find_images
+    eng = OrtEngine(onnx_path, "cpu")
+    files = find_images(folder).files
+    flags = 0
+    for i in range(0, len(files), 64):
+        x = np.stack([preprocess(load_rgb(f), eng.bundle.preprocess) for f in files[i:i + 64]])
+        p, _ = eng.infer(x, tta)
+        flags += int((p[:, eng.bundle.mel_index] >= eng.bundle.threshold_for(tta)).sum())
+    return flags / len(files)
+
+
+def row(name: str, m: dict, onnx_path: Path, lat: float, minutes: float | None, flagged: float | None) -> str:
+    from engines.display import pct as pct2
+    mel_t = m["melanoma"]["threshold"]
+    recalls = " | ".join(pct(m["per_class"][c]) for c in CLASS_CODES)
     return (f"| {name} | {m['model']} @ {m['img_size']} | {m['tta']} | {pct(m['accuracy'])} | {pct(m['balanced_accuracy'])} | "
-            f"{pct(m['macro_f1'])} | {pct(mel_a['recall'])} / {pct(mel_a['specificity'])} | "
-            f"{pct(mel_t['recall'])} / {pct(mel_t['specificity'])} (t={mel_t['threshold']:.3f}) | "
-            f"{pct(m['calibration']['ece_after'])} | {lat:.1f} ms | {onnx_path.stat().st_size / 1e6:.1f} MB |")
+            f"{recalls} | {pct(mel_t['recall'])} / {pct(mel_t['specificity'])} (t={pct2(mel_t['threshold'])}) | "
+            f"{pct(flagged)} | {lat:.1f} ms | {'n/a' if minutes is None else f'{minutes:.0f} min'} | "
+            f"{pct(m['calibration']['ece_after'])} | {onnx_path.stat().st_size / 1e6:.1f} MB |")
 
 
 def class_table(name: str, m: dict) -> list[str]:
@@ -57,23 +87,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="NAME=RUN_DIR:MODEL.onnx")
     ap.add_argument("--out")
+    ap.add_argument("--scan", help="folder of images: report the share each model flags over all of them")
     a = ap.parse_args()
-    head = ["| model | architecture | test-time views | accuracy | balanced accuracy | macro F1 | "
-            "melanoma recall / specificity (argmax) | melanoma recall / specificity (operating threshold) | "
-            "ECE after temperature | CPU latency, batch 1, 2 threads | ONNX size |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    head = ["| model | architecture | test-time views | accuracy | balanced accuracy | "
+            + " | ".join(f"recall {c}" for c in CLASS_CODES)
+            + " | melanoma recall / specificity at the threshold | share of the full scan flagged | "
+            "CPU latency, batch 1, 2 threads | training time (2 cores) | ECE after temperature | ONNX size |",
+            "|" + "---|" * (11 + len(CLASS_CODES))]
     rows, tables, data = [], [], {}
     for spec in a.models:
         name, rest = spec.split("=", 1)
         run, onnx_path = rest.split(":", 1)
         lat = latency_ms(Path(onnx_path))
+        minutes = training_minutes(Path(run))
         for fname in ("metrics.json", "metrics_flip.json"):
             f = Path(run) / fname
             if f.is_file():
                 m = json.loads(f.read_text())
-                rows.append(row(name, m, Path(onnx_path), lat * (4 if m["tta"] == "flip" else 1)))
+                flagged = flagged_share(Path(onnx_path), Path(a.scan), m["tta"]) if a.scan else None
+                lat_tta = lat * (4 if m["tta"] == "flip" else 1)
+                rows.append(row(name, m, Path(onnx_path), lat_tta, minutes, flagged))
                 data[f"{name}:{m['tta']}"] = {"accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],
-                                              "melanoma": m["melanoma"], "latency_ms": lat}
+                                              "per_class": m["per_class"], "melanoma": m["melanoma"],
+                                              "latency_ms": lat_tta, "training_minutes": minutes,
+                                              "flagged_share": flagged}
         tables += class_table(name, json.loads((Path(run) / "metrics.json").read_text()))
     text = "\n".join(head + rows + [""] + tables)
     print(text)

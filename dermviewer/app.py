@@ -20,6 +20,7 @@ from dermviewer.mailbox import Mailbox
 from dermviewer.snapshot import save_snapshot
 from dermviewer.sources import CaptureThread, Frame, SourceStatus, describe
 from engines.display import pct
+from engines.version import VersionAction
 from dermviewer.stats import Rate, RunStats
 from dermviewer.view import FrameView
 from engines.engine import Engine
@@ -357,6 +358,7 @@ def source_text(source: str, frame: Frame) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dermviewer", description="Live dermoscopy classification. " + NOTICE)
+    p.add_argument("--version", action=VersionAction, help="version, shipped models and their ONNX sha256")
     p.add_argument("--source", default="0", help="camera index, /dev/videoN, video file, image or folder")
     p.add_argument("--model", help="ONNX bundle or shipped name (default, convnext)")
     p.add_argument("--backend", default="auto")

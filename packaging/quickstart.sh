@@ -11,5 +11,5 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install --quiet -e '.[dev]'
 mkdir -p scan
-.venv/bin/dermscan "$DERM_DATA" --recursive --backend auto --out scan/results.csv --html scan/report.html \
+.venv/bin/dermscan "$DERM_DATA" --recursive --backend auto --overwrite --out scan/results.csv --html scan/report.html \
   --isic scan/isic.csv

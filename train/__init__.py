@@ -1,2 +1,2 @@
 """dermtrain: leakage-free HAM10000 training, evaluation and reporting for DermEdge."""
-__version__ = "0.1.0"
+from engines.version import __version__  # noqa: F401 - one version for the project

@@ -5,10 +5,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from engines.version import VersionAction
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dermscan", description="Classify every dermoscopy image in a folder. "
                                 "Decision support, not a diagnosis.")
+    p.add_argument("--version", action=VersionAction, help="version, shipped models and their ONNX sha256")
     p.add_argument("folder")
     p.add_argument("--model", help="ONNX bundle, or a shipped model name (default, convnext)")
     p.add_argument("--backend", default="auto", help="auto, tensorrt, cuda, cpu, ort-trt")

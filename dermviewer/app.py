@@ -315,7 +315,8 @@ class ViewerWindow(QMainWindow):
                 "frames": s.count.get("display", 0), "inferences": s.count.get("inference", 0),
                 "label": self.result.label if self.result else None,
                 "melanoma_flag": bool(self.result.melanoma_flag) if self.result else False,
-                "model": self.engine.bundle.model_name, "backend": self.engine.backend, "source": self.source}
+                "model": self.model_label, "network": self.engine.bundle.model_name, "backend": self.engine.backend,
+                "source": self.source}
 
     def shutdown(self, timeout: float = 1.0) -> float:
         """Stop the threads; returns the seconds it took."""

@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default="none", choices=("none", "flip"), help="test-time flips (4x the compute)")
     p.add_argument("--limit", type=int, help="scan at most N images (after sorting)")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0: ONNX Runtime's choice)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="scan on Ray: no ADDRESS starts a local instance; auto or ray://host:port joins a cluster "
+                        "(every node must see FOLDER at the same path)")
+    p.add_argument("--ray-actors", type=int, default=0, help="Ray: inference actors (default: one per core locally)")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -83,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 writer.append([Row(printable(d.relative_to(folder).as_posix()) + "/", "error",
                                    f"{d}: {why}; its images were not scanned") for d, why in found.bad_folders])
-                stats = scan(todo, folder, engine, writer, a.batch, a.tta, progress=not a.quiet)
+                if a.ray:
+                    from engines.scan.ray_scan import scan_ray
+                    stats = scan_ray(todo, folder, model_path, engine.bundle.preprocess, writer, a.batch, a.tta,
+                                     a.ray, a.ray_actors, a.backend, progress=not a.quiet)
+                else:
+                    stats = scan(todo, folder, engine, writer, a.batch, a.tta, progress=not a.quiet)
             finally:
                 writer.close()
             rows = read_results(out)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from engines.engine import Engine
 from engines.imageio import ImageReadError, check_content, load_rgb
-from engines.preprocess import preprocess
+from engines.preprocess import PreprocessSpec, normalize, resize_for_model
 from engines.scan.results import ResultsWriter, Row, one_line, printable
 
 
@@ -25,23 +25,48 @@ class ScanStats:
     flagged: int = 0
     seconds: float = 0.0
 
+    def add(self, rows: list[Row]) -> None:
+        for r in rows:
+            ok = r.status == "ok"
+            self.ok += ok
+            self.errors += not ok
+            self.flagged += ok and r.melanoma_flag
+
     @property
     def images_per_s(self) -> float:
         return (self.ok + self.errors) / self.seconds if self.seconds > 0 else 0.0
 
 
-def _load(path: Path, engine: Engine):
-    """Worker: file -> (preprocessed float32 CHW, (w, h)) or the one-line error."""
+def load_one(path: Path, spec: PreprocessSpec):
+    """file -> (uint8 size x size x 3, resized as the model wants, (w, h), None), or (None, None, one-line error).
+    Never raises: a scan never stops for one file. The plain and the Ray scan both read files here."""
     try:
         rgb = load_rgb(path)
         check_content(rgb, str(path))
-        return preprocess(rgb, engine.bundle.preprocess), (rgb.shape[1], rgb.shape[0]), None
+        return resize_for_model(rgb, spec), (rgb.shape[1], rgb.shape[0]), None
     except ImageReadError as e:
         return None, None, one_line(str(e))
     except MemoryError:
-        return None, None, f"{path}: not enough memory to decode"
-    except Exception as e:  # noqa: BLE001 - a scan never stops for one file
+        return None, None, one_line(f"{path}: not enough memory to decode")
+    except Exception as e:  # noqa: BLE001
         return None, None, one_line(f"{path}: {type(e).__name__}: {e}")
+
+
+def classify_rows(engine: Engine, items: list[tuple[str, np.ndarray, tuple[int, int]]], tta: str) -> list[Row]:
+    """(relative name, resized uint8 image, (w, h)) items -> one result row each, in order."""
+    if not items:
+        return []
+    spec, codes = engine.bundle.preprocess, engine.bundle.classes
+    mel, thr = engine.bundle.mel_index, engine.bundle.threshold_for(tta)
+    probs, _ = engine.infer(normalize(np.stack([x for _, x, _ in items]), spec), tta)
+    rows = []
+    for (rel, _, (w, h)), p in zip(items, probs):
+        if not np.isfinite(p).all():
+            rows.append(Row(rel, "error", f"{rel}: the model gave non-finite probabilities for this image"))
+            continue
+        i = int(p.argmax())
+        rows.append(Row(rel, "ok", "", codes[i], float(p[i]), tuple(float(v) for v in p), bool(p[mel] >= thr), w, h))
+    return rows
 
 
 def scan(files: list[Path], folder: Path, engine: Engine, writer: ResultsWriter, batch: int = 32,
@@ -49,27 +74,13 @@ def scan(files: list[Path], folder: Path, engine: Engine, writer: ResultsWriter,
     stats = ScanStats(total=len(files))
     workers = workers or max(2, min(4, os.cpu_count() or 2))
     window = batch * 2  # at most this many decoded images wait in memory
-    codes = engine.bundle.classes
-    mel, thr = engine.bundle.mel_index, engine.bundle.threshold_for(tta)
     t0 = time.perf_counter()
     bar = tqdm(total=len(files), unit="img", desc="scanning", disable=not progress, smoothing=0.1)
 
     def flush(items: list[tuple[str, np.ndarray, tuple[int, int]]], errors: list[Row]) -> None:
-        rows = list(errors)
-        if items:
-            probs, _ = engine.infer(np.stack([x for _, x, _ in items]), tta)
-            for (rel, _, (w, h)), p in zip(items, probs):
-                if not np.isfinite(p).all():
-                    rows.append(Row(rel, "error", f"{rel}: the model gave non-finite probabilities for this image"))
-                    stats.errors += 1
-                    continue
-                i = int(p.argmax())
-                flag = bool(p[mel] >= thr)
-                rows.append(Row(rel, "ok", "", codes[i], float(p[i]), tuple(float(v) for v in p), flag, w, h))
-                stats.ok += 1
-                stats.flagged += flag
+        rows = errors + classify_rows(engine, items, tta)
         writer.append(rows)
-        stats.errors += len(errors)
+        stats.add(rows)
         bar.update(len(rows))
         bar.set_postfix(img_s=f"{(stats.ok + stats.errors) / (time.perf_counter() - t0):.0f}", errors=stats.errors)
 
@@ -83,7 +94,7 @@ def scan(files: list[Path], folder: Path, engine: Engine, writer: ResultsWriter,
                 nxt = next(it, None)
                 if nxt is None:
                     break
-                pending.append((nxt, pool.submit(_load, nxt, engine)))
+                pending.append((nxt, pool.submit(load_one, nxt, engine.bundle.preprocess)))
             if not pending:
                 break
             path, fut = pending.popleft()

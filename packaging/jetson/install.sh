@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# DermEdge runtime on a Jetson (JetPack 6: Python 3.10, TensorRT 10 in the system site-packages).
-# The virtual environment sees the system's tensorrt module; torch is not needed on the device.
+# DermEdge runtime on a Jetson (JetPack 6: Ubuntu 22.04, Python 3.10, TensorRT 10.3 and numpy 1 in the system
+# site-packages, driver 540), from a wheel built on any machine (`python -m build --wheel` in the repository):
+#   bash install.sh dermedge-0.2.0-py3-none-any.whl
+# Never from the public package index: no DermEdge package is published there, and a stranger's could appear.
 set -euo pipefail
-python3 -c "import tensorrt; print('TensorRT', tensorrt.__version__)"
+WHEEL="${1:?usage: install.sh path/to/dermedge-VERSION-py3-none-any.whl}"
+[ -f "$WHEEL" ] || { echo "install.sh: $WHEEL: no such wheel file" >&2; exit 2; }
+# venv support and the X11 libraries Qt's xcb plugin loads (a stock JetPack 6 lacks some)
+sudo apt-get install -y python3.10-venv libxcb-cursor0 libxcb-icccm4 libxcb-keysyms1 libxkbcommon-x11-0 libxcb-shape0
+python3 -c "import tensorrt; print('system TensorRT', tensorrt.__version__)"
+# The venv sees JetPack's tensorrt module; numpy stays below 2 for its numpy-1 bindings, and cuda-python 12.x is
+# the last series that runs on driver 540 (13.x needs driver 580 or newer).
 python3 -m venv --system-site-packages ~/dermedge-venv
-~/dermedge-venv/bin/pip install "dermedge[viewer]" "cuda-python>=12"
-# ONNX Runtime with CUDA for Jetson comes from NVIDIA's Jetson wheels; the CPU wheel from PyPI works as a fallback.
-~/dermedge-venv/bin/dermscan --help > /dev/null
-echo "Build the FP16 engine for this device (minutes, once):"
+~/dermedge-venv/bin/pip install "numpy<2" "cuda-python>=12.3,<13" "$WHEEL[viewer]"
+~/dermedge-venv/bin/dermscan --version
+echo "Build the FP16 engine for this device once (minutes):"
 echo "  ~/dermedge-venv/bin/dermviewer --backend tensorrt --source /dev/video0"

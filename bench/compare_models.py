@@ -104,7 +104,8 @@ def main() -> None:
             f = Path(run) / fname
             if f.is_file():
                 m = json.loads(f.read_text())
-                flagged = flagged_share(Path(onnx_path), Path(a.scan), m["tta"]) if a.scan else None
+                # the archive scan is single-view (what dermscan runs by default); flips would cost 4x for a column
+                flagged = flagged_share(Path(onnx_path), Path(a.scan), "none") if a.scan and m["tta"] == "none" else None
                 lat_tta = lat * (4 if m["tta"] == "flip" else 1)
                 rows.append(row(name, m, Path(onnx_path), lat_tta, minutes, flagged))
                 data[f"{name}:{m['tta']}"] = {"accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"],

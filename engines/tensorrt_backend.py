@@ -6,7 +6,6 @@ one line and the runtime falls back to ONNX Runtime.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -17,7 +16,7 @@ import numpy as np
 
 from engines.bundle import BundleError, ModelBundle, from_metadata
 from engines.engine import Engine
-from engines.fsutil import atomic_path, write_json
+from engines.fsutil import atomic_path, sha256_file, write_json
 from engines.precision import fp16_unsafe
 
 # Layers that overflow or lose too much in FP16 (ConvNeXt's LayerNorm variance above all): kept in FP32.
@@ -100,14 +99,6 @@ def gpu_identity() -> tuple[str, str]:
     props = _check(cudart.cudaGetDeviceProperties(dev))
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
     return name.strip("\x00 "), f"{props.major}.{props.minor}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def engine_cache_dir() -> Path:

@@ -3,18 +3,10 @@ traceability: the version plus every shipped model with its ONNX sha256."""
 from __future__ import annotations
 
 import argparse
-import hashlib
-from pathlib import Path
+
+from engines.fsutil import sha256_file
 
 __version__ = "0.2.0"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def version_text(prog: str) -> str:

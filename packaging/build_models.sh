@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Reproduces the shipped models: train (2-core CPU: about 1.5 hours each when run side by side), evaluate on the
-# test split (plain and with test-time flips), convert with the FP16 gate, and install into engines/models.
+# Reproduces the shipped models on 2 CPU cores, one training at a time (two at once halve each other):
+#   teacher  EfficientNet-Lite0 @192 on a 6-view feature bank          (runs/lite0-bank,      ~40 min)
+#   student  ConvNeXt-Atto @128 from scratch, distilled from it          (runs/convnext-distill)
+# then evaluates each on the test split (plain and with test-time flips), converts with the FP16 gate, installs
+# the bundles into engines/models, and regenerates the cards and the comparison table.
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]
+# Every step resumes: a stopped `fit` continues from its last epoch with --resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DERM_DATA:-../shared/data/ham10000}"
@@ -9,22 +13,39 @@ SPLIT=splits/ham10000_seed0.csv
 BIN=.venv/bin
 stage="${1:-all}"
 
+fit() {  # fit RUN CONFIG [args...]: train, or continue a stopped run
+  local run=$1 config=$2
+  shift 2
+  if [ -f "runs/$run/last.pt" ]; then
+    $BIN/dermtrain fit --config "$config" --data "$DATA" --split $SPLIT --out "runs/$run" --resume "$@"
+  else
+    $BIN/dermtrain fit --config "$config" --data "$DATA" --split $SPLIT --out "runs/$run" "$@"
+  fi
+}
+
 if [ "$stage" = all ] || [ "$stage" = train ]; then
-  # --threads 1 each: the two runs share the two cores better than one after the other.
-  $BIN/dermtrain fit --config cpu-lite0 --data "$DATA" --split $SPLIT --out runs/lite0 --threads 1 &
-  $BIN/dermtrain fit --config cpu --data "$DATA" --split $SPLIT --out runs/convnext_atto --threads 1 &
-  wait
+  fit lite0-bank lite0-bank
+  fit convnext-distill convnext-distill --teachers runs/lite0-bank
 fi
 
 if [ "$stage" = all ] || [ "$stage" = ship ]; then
   mkdir -p build/models
-  for run in lite0 convnext_atto; do
+  for run in lite0-bank convnext-distill; do
     $BIN/dermtrain eval runs/$run --data "$DATA" --split-name test --quiet
     $BIN/dermtrain eval runs/$run --data "$DATA" --split-name test --tta flip --quiet
     $BIN/dermconvert runs/$run --onnx build/models/$run.onnx --fp16 --data "$DATA"
   done
-  cp build/models/lite0.onnx engines/models/efficientnet_lite0.onnx
-  cp build/models/convnext_atto.onnx engines/models/convnext_atto.onnx
-  $BIN/python bench/compare_models.py default=runs/lite0:build/models/lite0.onnx \
-    convnext=runs/convnext_atto:build/models/convnext_atto.onnx --out docs/models/comparison.md
+  cp build/models/lite0-bank.onnx engines/models/efficientnet_lite0.onnx
+  cp build/models/convnext-distill.onnx engines/models/convnext_atto.onnx
+  $BIN/python bench/model_card.py runs/lite0-bank build/models/lite0-bank.onnx --name default \
+    --title "EfficientNet-Lite0 @ 192 px, feature-bank fine-tuning (the default model)" \
+    --out docs/models/efficientnet_lite0.md --notes docs/models/notes/efficientnet_lite0.md \
+    --copy-run docs/models/efficientnet_lite0/
+  $BIN/python bench/model_card.py runs/convnext-distill build/models/convnext-distill.onnx --name convnext \
+    --title "ConvNeXt-Atto @ 128 px, distilled from the Lite0 teacher" \
+    --out docs/models/convnext_atto.md --notes docs/models/notes/convnext_atto.md \
+    --copy-run docs/models/convnext_atto/
+  $BIN/python bench/compare_models.py default=runs/lite0-bank:build/models/lite0-bank.onnx \
+    convnext=runs/convnext-distill:build/models/convnext-distill.onnx --scan "$DATA/images" \
+    --out docs/models/comparison.md
 fi

@@ -74,3 +74,46 @@ def bench(cfg: TrainConfig, data_dir: Path, split_path: Path, steps: int = 20, w
     return {"model": cfg.model, "img_size": spec.size, "batch_size": bs, "trainable": trainable or cfg.phase1.trainable,
             "real_images_per_s": result["real"], "synthetic_images_per_s": synth,
             "real_over_synthetic": result["real"] / synth}
+
+
+def bench_bank(cfg: TrainConfig, steps: int = 20, warmup: int = 3) -> dict:
+    """The fast path against today's phase 2, same model, batch and trainable layers: images/s of a training step
+    on bank features (late stages only) versus on images (the frozen early stages run again every step)."""
+    from dermtrain.fastfit import Ema
+    from dermtrain.stages import Cut
+
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    spec = preprocess_spec(cfg)
+    model = create_model(cfg.model).to(memory_format=torch.channels_last)
+    cut = Cut(model, cfg.recipe.freeze_at)
+    cut.freeze_early()
+    late = [p for m in cut.late_modules() for p in m.parameters()]
+    opt = torch.optim.AdamW(late, lr=1e-4)
+    ema = Ema(model, cfg.recipe.ema)
+    bs = cfg.batch_size
+    x = torch.randn(bs, 3, spec.size, spec.size).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 7, (bs,))
+    with torch.no_grad():
+        f = cut.early(x).half()  # what the bank stores
+    for m in cut.late_modules():
+        m.train()
+
+    def step(forward) -> None:
+        loss = torch.nn.functional.cross_entropy(forward().float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(model)
+
+    def rate(forward) -> float:
+        for _ in range(warmup):
+            step(forward)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(forward)
+        return bs * steps / (time.perf_counter() - t0)
+
+    bank = rate(lambda: cut.late(f.float().contiguous(memory_format=torch.channels_last)))
+    full = rate(lambda: model(x))
+    return {"model": cfg.model, "img_size": spec.size, "batch_size": bs, "frozen_stages": cfg.recipe.freeze_at,
+            "bank_images_per_s": bank, "phase2_images_per_s": full, "speedup": bank / full}

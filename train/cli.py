@@ -80,6 +80,14 @@ def cmd_bench(a) -> int:
     from dermtrain.data import resolve_data_dir
 
     cfg = with_overrides(load_config(a.config), model=a.model, img_size=a.img_size, batch_size=a.batch_size)
+    if cfg.recipe is not None and cfg.recipe.freeze_at:
+        from dermtrain.bench import bench_bank
+        r = bench_bank(cfg, a.steps)
+        print(f"{r['model']} @ {r['img_size']}px, batch {r['batch_size']}, stages 0-{r['frozen_stages'] - 1} frozen: "
+              f"training from the feature bank {r['bank_images_per_s']:.1f} img/s, from images (phase 2) "
+              f"{r['phase2_images_per_s']:.1f} img/s: {r['speedup']:.1f}x")
+        print(json.dumps(r))
+        return 0
     r = bench(cfg, resolve_data_dir(a.data), Path(a.split), a.steps, trainable=a.trainable)
     print(f"{r['model']} @ {r['img_size']}px, batch {r['batch_size']}, trainable {r['trainable']}: "
           f"real loader {r['real_images_per_s']:.1f} img/s, synthetic {r['synthetic_images_per_s']:.1f} img/s "

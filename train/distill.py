@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dermtrain.bank import bank_key, build_bank, default_cache_dir, view_params
 from dermtrain.cache import build_cache
@@ -48,8 +49,10 @@ def teacher_view_logp(run_dir: Path, cfg: TrainConfig, train_recs: list[Record],
                    tcfg.augment, tcfg.seed, len(x), tcfg.recipe.bank_bf16)
     bank = build_bank(cut, x, params, tspec, key, cache_dir or default_cache_dir(), progress,
                       tcfg.recipe.bank_bf16)
+    model = model.to(memory_format=torch.channels_last)
     out = np.empty((bank.shape[0], bank.shape[1], 7), np.float32)
-    for v in range(bank.shape[0]):
+    for v in tqdm(range(bank.shape[0]), desc=f"teacher {run_dir.name} on the views", unit="view", disable=not progress,
+                  leave=False):
         for i in range(0, bank.shape[1], 256):
             f = torch.from_numpy(bank[v, i:i + 256]).float().contiguous(memory_format=torch.channels_last)
             out[v, i:i + 256] = cut.late(f).float().numpy()

@@ -43,7 +43,8 @@ def tta_logits(model, images_u8: np.ndarray, spec: PreprocessSpec, tta: str, bat
     """Mean logits over the test-time views: none, or `flip` (identity, horizontal, vertical, both)."""
     dev = torch.device("cpu")
     views = flip_views(images_u8, h_axis=1, w_axis=2) if tta == "flip" else [images_u8]
-    outs = [predict_logits(model, np.ascontiguousarray(v), spec, dev, batch, None, False) for v in views]
+    outs = [predict_logits(model.to(memory_format=torch.channels_last), np.ascontiguousarray(v), spec, dev, batch,
+                           None, True) for v in views]  # channels-last: depthwise convolutions run ~2x faster
     return np.mean(outs, axis=0)
 
 

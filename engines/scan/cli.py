@@ -33,17 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_sha256(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def main(argv: list[str] | None = None) -> int:
     from engines.bundle import BundleError
+    from engines.fsutil import sha256_file
     from engines.scan.discover import find_images
     from engines.scan.outputs import OutputLock, check_existing, check_paths
     from engines.scan.report_html import write_html
@@ -71,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             model_path = resolve_model(a.model)
             choice = open_engine(model_path, a.backend, a.threads, max_batch=max(a.batch, 1))
             engine = choice.engine
-            identity = ScanIdentity(model_sha256=_model_sha256(model_path), model=str(a.model or "default"),
+            identity = ScanIdentity(model_sha256=sha256_file(model_path), model=str(a.model or "default"),
                                     folder=str(folder.resolve()), recursive=a.recursive, tta=a.tta,
                                     mel_threshold=engine.bundle.threshold_for(a.tta))
             log(f"dermscan: {engine.describe()} ({choice.reason})")

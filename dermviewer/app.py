@@ -40,6 +40,7 @@ class ViewerWindow(QMainWindow):
         self.model_label = model_label or engine.bundle.model_name
         self.setWindowTitle(f"DermEdge viewer — {self.model_label}")
         self.last_error = ""
+        self.generation = 0  # bumped by every open_source: frames and results of an older source are dropped
         self.frames: Mailbox[Frame] = Mailbox()
         self.results: Mailbox[Result] = Mailbox()
         self.status: Mailbox[SourceStatus] = Mailbox()
@@ -156,11 +157,13 @@ class ViewerWindow(QMainWindow):
             self.capture.stop()
             self.capture.join(timeout=1.0)
         self.source = source
+        self.generation += 1
         self.source_label.setText(f"source: {describe(source)}")
         self._clear("")
         self.view.message = f"opening {describe(source)}…"
         self.view.update()
-        self.capture = CaptureThread(source, self.frames, self.status, loop=self.loop, fps=self.source_fps)
+        self.capture = CaptureThread(source, self.frames, self.status, loop=self.loop, fps=self.source_fps,
+                                     generation=self.generation)
         self.capture.start()
 
     def retry(self) -> None:
@@ -245,6 +248,10 @@ class ViewerWindow(QMainWindow):
             value.setText("")
         self.snapshot_button.setEnabled(False)
         self.worker.smoother.buf.clear()
+        for rate in (self.camera_rate, self.infer_rate, self.display_rate):
+            rate.times.clear()  # no source, no rate: 0 fps at once rather than decaying over the window
+        # what is already in the mailboxes belongs to the picture just cleared: never show it again
+        self.seen["frame"], self.seen["result"] = self.frames.peek()[0], self.results.peek()[0]
 
     def poll(self) -> None:
         seq, st = self.status.peek()
@@ -263,7 +270,8 @@ class ViewerWindow(QMainWindow):
             return
         changed = new_frame = False
         seq, res = self.results.peek()
-        if seq != self.seen["result"] and res is not None and self.frame is not None:
+        if seq != self.seen["result"] and res is not None and self.frame is not None \
+                and res.generation == self.generation:
             self.seen["result"] = seq
             self.result = res
             self.infer_rate.tick()
@@ -274,7 +282,9 @@ class ViewerWindow(QMainWindow):
             self._show_result(res)
             changed = True
         seq, frame = self.frames.peek()
-        if seq != self.seen["frame"] and frame is not None:
+        if seq != self.seen["frame"] and frame is not None and frame.generation != self.generation:
+            self.seen["frame"] = seq  # a frame of the source we just left
+        elif seq != self.seen["frame"] and frame is not None:
             self.camera_rate.tick(frame.t_capture)
             self.seen["frame"] = seq
             self.frame = frame

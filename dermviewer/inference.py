@@ -40,6 +40,7 @@ class Result:
     box: tuple[int, int, int, int]
     latency_ms: float  # from frame capture to this result
     infer_ms: float
+    generation: int = 0  # the source opening of its frame
 
 
 class Smoother:
@@ -117,4 +118,5 @@ class InferenceThread(threading.Thread):
             heat_class = self.engine.bundle.classes[explained]
         self.count += 1
         return Result(frame.index, probs, pred.probs, self.engine.bundle.classes[i], float(probs[i]), flag, heat,
-                      heat_class, flat, box, (time.perf_counter() - frame.t_capture) * 1000, infer_ms)
+                      heat_class, flat, box, (time.perf_counter() - frame.t_capture) * 1000, infer_ms,
+                      frame.generation)

@@ -24,6 +24,7 @@ class Frame:
     source: str
     name: str = ""  # file name, for stills
     position: tuple[int, int] | None = None  # (n, of) in a folder of stills
+    generation: int = 0  # which opening of a source it came from: the window drops frames of an older one
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class CaptureThread(threading.Thread):
     posts a status and retries every `retry_s` seconds, never raising into the UI."""
 
     def __init__(self, source: str, frames: Mailbox, status: Mailbox, loop: bool = True,
-                 fps: float | None = None, retry_s: float = 2.0):
+                 fps: float | None = None, retry_s: float = 2.0, generation: int = 0):
         super().__init__(name="dermviewer-capture", daemon=True)
         self.source_name = source
         self.frames, self.status = frames, status
@@ -158,6 +159,7 @@ class CaptureThread(threading.Thread):
         self.step_request = 0
         self.lock = threading.Lock()
         self.index = 0
+        self.generation = generation
 
     def request_step(self, delta: int) -> None:
         with self.lock:
@@ -201,7 +203,7 @@ class CaptureThread(threading.Thread):
             self.index += 1
             still = isinstance(src, StillSource)
             self.frames.put(Frame(rgb, time.perf_counter(), self.index, self.source_name,
-                                  src.name if still else "", src.position if still else None))
+                                  src.name if still else "", src.position if still else None, self.generation))
             if src.period:
                 next_t += src.period
                 delay = next_t - time.perf_counter()

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Reproduces the shipped models on 2 CPU cores, one training at a time (two at once halve each other):
-#   teacher  EfficientNet-Lite0 @192 on a 6-view feature bank          (runs/lite0-bank,      ~40 min)
-#   student  ConvNeXt-Atto @128 from scratch, distilled from it          (runs/convnext-distill)
+# Reproduces the shipped models on 2 CPU cores, one training at a time (two at once halve each other, and two
+# PyTorch jobs fighting over the cores run 5x slower each):
+#   default   EfficientNet-Lite0 @192 fine-tuned from a 6-view feature bank    (runs/lite0-bank,     ~45 min)
+#   convnext  ConvNeXt-Atto @128 from scratch, two phases                      (runs/convnext_atto,  ~60 min)
 # then evaluates each on the test split (plain and with test-time flips), converts with the FP16 gate, installs
 # the bundles into engines/models, and regenerates the cards and the comparison table.
+# The distilled ConvNeXt (`--config convnext-distill --teachers runs/lite0-bank`) is not shipped: stopped at 16 of
+# 25 epochs it reached 45.8% validation balanced accuracy against 52.9% for the from-scratch one.
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]
 # Every step resumes: a stopped `fit` continues from its last epoch with --resume.
 set -euo pipefail
@@ -25,27 +28,23 @@ fit() {  # fit RUN CONFIG [args...]: train, or continue a stopped run
 
 if [ "$stage" = all ] || [ "$stage" = train ]; then
   fit lite0-bank lite0-bank
-  fit convnext-distill convnext-distill --teachers runs/lite0-bank
+  fit convnext_atto cpu
 fi
 
 if [ "$stage" = all ] || [ "$stage" = ship ]; then
   mkdir -p build/models
-  for run in lite0-bank convnext-distill; do
+  for run in lite0-bank convnext_atto; do
     $BIN/dermtrain eval runs/$run --data "$DATA" --split-name test --quiet
     $BIN/dermtrain eval runs/$run --data "$DATA" --split-name test --tta flip --quiet
     $BIN/dermconvert runs/$run --onnx build/models/$run.onnx --fp16 --data "$DATA"
   done
   cp build/models/lite0-bank.onnx engines/models/efficientnet_lite0.onnx
-  cp build/models/convnext-distill.onnx engines/models/convnext_atto.onnx
+  cp build/models/convnext_atto.onnx engines/models/convnext_atto.onnx
   $BIN/python bench/model_card.py runs/lite0-bank build/models/lite0-bank.onnx --name default \
     --title "EfficientNet-Lite0 @ 192 px, feature-bank fine-tuning (the default model)" \
     --out docs/models/efficientnet_lite0.md --notes docs/models/notes/efficientnet_lite0.md \
-    --copy-run docs/models/efficientnet_lite0/
-  $BIN/python bench/model_card.py runs/convnext-distill build/models/convnext-distill.onnx --name convnext \
-    --title "ConvNeXt-Atto @ 128 px, distilled from the Lite0 teacher" \
-    --out docs/models/convnext_atto.md --notes docs/models/notes/convnext_atto.md \
-    --copy-run docs/models/convnext_atto/
+    --copy-run docs/models/efficientnet_lite0/ --installed engines/models/efficientnet_lite0.onnx
   $BIN/python bench/compare_models.py default=runs/lite0-bank:build/models/lite0-bank.onnx \
-    convnext=runs/convnext-distill:build/models/convnext-distill.onnx --scan "$DATA/images" \
+    convnext=runs/convnext_atto:build/models/convnext_atto.onnx --scan "$DATA/images" \
     --out docs/models/comparison.md
 fi

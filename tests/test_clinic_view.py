@@ -40,7 +40,9 @@ def test_a_dead_source_clears_picture_result_and_snapshot(qapp, engine, folder, 
         assert wait_until(qapp, lambda: win.result is not None and win.camera_rate.per_s() > 0)
         win.open_source("/dev/video98")
         assert wait_until(qapp, lambda: "NO SIGNAL" in win.view.message, 10), win.view.message
+        wait_until(qapp, lambda: False, 1.5)  # a frame the old source posted last must not come back
         assert win.frame is None and win.result is None and win.view.image is None and win.view.heat is None
+        assert "ISIC" not in win.source_label.text()
         assert win.view.alert_text == "" and all(n.text() == "–" for n, _, _ in win.bars)
         assert not win.snapshot_button.isEnabled() and win.snapshot() is None
         assert not list((tmp_path / "snaps").glob("*.png"))

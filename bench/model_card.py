@@ -35,7 +35,7 @@ def card(run: Path, onnx: Path, name: str, title: str, notes: str, run_copy: str
     from engines.onnx_backend import OrtEngine
 
     cfg, info, hist = load(run, "config.json"), load(run, "run.json"), load(run, "history.json")
-    m, mf, cal = load(run, "metrics.json"), load(run, "metrics_flip.json"), load(run, "calibration.json")
+    m, mf = load(run, "metrics.json"), load(run, "metrics_flip.json")
     parity = load(onnx.parent, onnx.name.removesuffix(".onnx") + ".parity.json")
     b = OrtEngine(onnx).bundle
     best = max(hist, key=lambda h: h["val_balanced_acc"])

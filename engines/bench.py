@@ -47,6 +47,28 @@ def scan_end_to_end(files: list[Path], folder: Path, engine, bs: int, ray: str |
         return len(files) / run(files, "r.csv")
 
 
+def torch_eager(files: list[Path], model_name: str, size: int, threads: int) -> float | str:
+    """What a research script does: per image, PIL decode, torchvision transforms, model(x[None]) in fp32."""
+    try:
+        import timm
+        import torch
+        from PIL import Image
+        from torchvision import transforms as T
+    except ImportError as e:
+        return f"PyTorch not installed ({e.name})"
+    if threads:
+        torch.set_num_threads(threads)
+    model = timm.create_model(model_name, num_classes=7).eval()
+    tf = T.Compose([T.Resize((size, size)), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+        t0 = time.perf_counter()
+        for f in files:
+            x = tf(Image.open(f).convert("RGB"))
+            model(x[None]).softmax(1)
+    return len(files) / (time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> int:
     from engines.bundle import BundleError
     from engines.imageio import load_rgb

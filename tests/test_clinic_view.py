@@ -3,7 +3,6 @@ under a real X server), the real HTML parsed."""
 import csv
 import html.parser
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -14,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_viewer import ARTIFACTS, make_video, make_window, qapp, wait_until  # noqa: F401 - fixtures
+from test_viewer import ARTIFACTS, make_video, make_window, wait_until
+from test_viewer import qapp  # noqa: F401 - the module's QApplication fixture
 
 pytestmark = pytest.mark.slow
 
@@ -144,7 +144,6 @@ def test_a_flat_map_shows_no_hot_spot():
 
 def test_alert_says_what_the_cut_off_means():
     from dermviewer.app import alert_text
-    from engines.display import pct
     text = alert_text(0.2241, 0.0949)
     assert "22.41%" in text and "9.49%" in text and "90%" in text and "most flagged lesions are not melanomas" in text
 
@@ -187,7 +186,6 @@ def test_viewer_under_a_real_x_server(tiny_onnx, sample_images, tmp_path):
     xvfb = shutil.which("Xvfb")
     if xvfb is None:
         pytest.skip("Xvfb is not installed (.ci/run installs it: apt-get install xvfb)")
-    from dermviewer.app import missing_qt_libraries
     display = f":{90 + os.getpid() % 9}"
     server = subprocess.Popen([xvfb, display, "-screen", "0", "1280x800x24", "-nolisten", "tcp"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -181,3 +181,13 @@ def test_default_and_named_models_load():
     for name in ["default", *shipped_models()]:
         eng = open_engine(name, "cpu").engine
         assert eng.bundle.classes == tuple(CLASS_CODES)
+
+
+def test_dermbench_prints_every_figure(real_folder, tiny_onnx):
+    r = subprocess.run([sys.executable, "-m", "engines.bench", str(real_folder), "--model", str(tiny_onnx), "--limit",
+                        "8", "--batch", "4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    import json
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["images"] == 8 and out["pure_images_per_s"] > 0 and out["scan_images_per_s"] > 0
+    assert out["torch_eager_images_per_s"] is not None and out["torch_eager_images_per_s"] > 0

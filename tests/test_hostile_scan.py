@@ -4,7 +4,6 @@ Each test is marked with the kinds it covers (`@pytest.mark.hostile(...)`); the 
 """
 import csv
 import hashlib
-import io
 import os
 import shutil
 import signal
@@ -18,7 +17,6 @@ import pytest
 
 from hostile import make_huge_jpeg, make_hostile_folder
 from engines.labels import CLASS_CODES
-from engines.scan.results import COLUMNS
 
 pytestmark = pytest.mark.slow
 SCAN = [sys.executable, "-m", "engines.scan.cli"]

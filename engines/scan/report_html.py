@@ -41,12 +41,14 @@ tr.flag td{background:#fde8e8} .num{text-align:right;font-variant-numeric:tabula
 img{width:%dpx;height:auto;border-radius:3px;display:block} .meta td{border:none;padding:2px 10px 2px 0}
 .pill{display:inline-block;padding:1px 6px;border-radius:8px;background:#c62828;color:#fff;font-size:11px}
 .filters{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #dde3ea;z-index:1}
-.filters input,.filters select{margin-right:14px;font-size:13px} a{color:#1d4f91}
+.filters input,.filters select{margin-right:14px;font-size:13px} a{color:#1d4f91} tbody.pending{display:none}
 """ % THUMB
 
-# Numeric columns sort high-to-low on the first click (the suspects first), text columns A-Z.
+# Numeric columns sort high-to-low on the first click (the suspects first), text columns A-Z. Rows are shown a
+# page at a time and thumbnails decoded only for the page on screen: a 10,015-row report opens in about a second
+# instead of laying out every row and decoding every picture first.
 SCRIPT = """
-var tbl=document.getElementById('results'), body=tbl.tBodies[0], rows=Array.from(body.rows);
+var PAGE=500, page=0, tbl=document.getElementById('results'), body=tbl.tBodies[0], rows=Array.from(body.rows);
 tbl.querySelectorAll('th.s').forEach(function(th){th.addEventListener('click',function(){
  var idx=Array.prototype.indexOf.call(th.parentNode.children,th), num=th.classList.contains('num');
  var asc=th.dataset.dir?th.dataset.dir!=='asc':!num;
@@ -54,15 +56,24 @@ tbl.querySelectorAll('th.s').forEach(function(th){th.addEventListener('click',fu
  rows.sort(function(r1,r2){var a=r1.children[idx].dataset.v||r1.children[idx].textContent,
   c=r2.children[idx].dataset.v||r2.children[idx].textContent, x=parseFloat(a), y=parseFloat(c);
   if(!isNaN(x)&&!isNaN(y)) return asc?x-y:y-x; return asc?a.localeCompare(c):c.localeCompare(a);});
- rows.forEach(function(r){body.appendChild(r);});});});
-function applyFilters(){
+ rows.forEach(function(r){body.appendChild(r);}); page=0; render();});});
+function render(){
  var flagged=document.getElementById('f-flag').checked, cls=document.getElementById('f-class').value,
-  q=document.getElementById('f-search').value.toLowerCase(), shown=0;
- rows.forEach(function(r){var ok=(!flagged||r.classList.contains('flag'))&&(!cls||r.dataset.label===cls)&&
-  (!q||r.dataset.file.toLowerCase().indexOf(q)>=0); r.style.display=ok?'':'none'; if(ok) shown++;});
- document.getElementById('f-count').textContent=shown+' of '+rows.length+' rows shown';}
-['f-flag','f-class','f-search'].forEach(function(id){document.getElementById(id).addEventListener('input',applyFilters);});
-applyFilters();
+  q=document.getElementById('f-search').value.toLowerCase();
+ var match=rows.filter(function(r){return (!flagged||r.classList.contains('flag'))&&(!cls||r.dataset.label===cls)&&
+  (!q||r.dataset.file.toLowerCase().indexOf(q)>=0);});
+ var pages=Math.max(1,Math.ceil(match.length/PAGE)); page=Math.min(page,pages-1);
+ var shown=new Set(match.slice(page*PAGE,(page+1)*PAGE));
+ rows.forEach(function(r){var on=shown.has(r); r.style.display=on?'':'none';
+  if(on){var im=r.querySelector('img[data-src]'); if(im){im.src=im.dataset.src; im.removeAttribute('data-src');}}});
+ body.classList.remove('pending');
+ document.getElementById('f-count').textContent=match.length+' of '+rows.length+' rows match';
+ document.getElementById('f-page').textContent='page '+(page+1)+' of '+pages;}
+['f-flag','f-class','f-search'].forEach(function(id){document.getElementById(id).addEventListener('input',
+ function(){page=0; render();});});
+document.getElementById('f-prev').addEventListener('click',function(){if(page>0){page--; render();}});
+document.getElementById('f-next').addEventListener('click',function(){page++; render();});
+render();
 """
 
 
@@ -124,20 +135,21 @@ def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, mod
     unpictured = len(ok) - len(pictured)
     out += ["<h2>Results</h2>",
             "<p>Melanoma suspects first, then by p(mel). Click a column to sort (numbers: highest first). "
-            "File names open the image. Every suspect has its picture"
+            "File names open the image. 500 rows a page. Every suspect has its picture"
             + (f"; {unpictured} other rows have none, to keep this file small." if unpictured else ".") + "</p>",
             "<div class='filters'><label><input type='checkbox' id='f-flag'> melanoma suspects only</label> "
             "<label>label <select id='f-class'><option value=''>all</option>"
             + "".join(f"<option value='{c}'>{e(class_name(c))} ({c})</option>" for c in CLASS_CODES)
             + "</select></label> <label>file <input type='search' id='f-search' placeholder='part of a name'></label> "
-            "<span id='f-count'></span></div>",
+            "<span id='f-count'></span> <button id='f-prev'>&#9664;</button> <span id='f-page'></span> "
+            "<button id='f-next'>&#9654;</button></div>",
             "<table id='results'><thead><tr><th></th><th class='s'>file</th><th class='s num'>flag</th>"
             "<th class='s'>label</th><th class='s num'>confidence</th>"
             + "".join(f"<th class='s num' title='{e(class_name(c))}'>p({c})</th>" for c in CLASS_CODES)
-            + "</tr></thead><tbody>"]
+            + "</tr></thead><tbody class='pending'>"]
     for r in ok:
         t = thumbs.get(r.file)
-        img = f"<img alt='' src='data:image/jpeg;base64,{t}'>" if t else ""
+        img = f"<img alt='' data-src='data:image/jpeg;base64,{t}'>" if t else ""
         flag = "<span class='pill'>MEL</span>" if r.melanoma_flag else ""
         link = f"<a href='{e(_uri(paths.get(r.file, folder / r.file)))}'>{e(r.file)}</a>"
         out.append(f"<tr class='{'flag' if r.melanoma_flag else ''}' data-label='{r.label}' data-file='{e(r.file)}'>"

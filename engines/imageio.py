@@ -41,6 +41,11 @@ def is_unsupported_image(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(UNSUPPORTED_SUFFIXES)
 
 
+def looks_like_image(path: str | os.PathLike) -> bool:
+    """An image by its name, decodable here or not: what a scan must consider (and never write over)."""
+    return is_image_file(path) or is_unsupported_image(path)
+
+
 def check_content(rgb: np.ndarray, where: str) -> None:
     """Refuse what cannot hold a lesion (a 1x1 pixel, a blank frame) instead of giving it a confident label."""
     h, w = rgb.shape[:2]

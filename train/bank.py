@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from dermtrain.augment import AugmentConfig, AugmentParams, apply_params, draw_params, to_float_nchw
+from dermtrain.config import TrainConfig
 from dermtrain.augment import normalize as torch_normalize
 from dermtrain.stages import Cut
 from engines.fsutil import atomic_path
@@ -76,6 +77,16 @@ def early_features(cut: Cut, images_u8: np.ndarray, params: AugmentParams | None
             out = np.empty((len(images_u8), *f.shape[1:]), np.float16)
         out[sl] = f
     return out
+
+
+def bank_for(cfg: TrainConfig, cut: Cut, images_u8: np.ndarray, params: AugmentParams, spec: PreprocessSpec,
+             split_sha256: str, cache_dir: Path | None = None, progress: bool = True) -> np.ndarray:
+    """The bank a recipe config describes (its cut, views and precision), from the disk cache or built: the one
+    place a teacher's training and a student's distillation agree on what its key is."""
+    r = cfg.recipe
+    key = bank_key(cfg.model, cfg.init, r.freeze_at, r.views, spec, split_sha256, cfg.augment, cfg.seed,
+                   len(images_u8), r.bank_bf16)
+    return build_bank(cut, images_u8, params, spec, key, cache_dir or default_cache_dir(), progress, r.bank_bf16)
 
 
 def build_bank(cut: Cut, images_u8: np.ndarray, params: AugmentParams, spec: PreprocessSpec, key: str,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dermtrain.bank import bank_key, build_bank, default_cache_dir, view_params
+from dermtrain.bank import bank_for, view_params
 from dermtrain.cache import build_cache
 from dermtrain.config import ConfigError, DistillConfig, TrainConfig
 from dermtrain.data import Record
@@ -45,10 +45,7 @@ def teacher_view_logp(run_dir: Path, cfg: TrainConfig, train_recs: list[Record],
     x, _ = build_cache(train_recs, tspec, f"caching train for teacher {run_dir.name}", progress)
     params = view_params(len(x), tcfg.recipe.views, tcfg.augment, tcfg.seed)
     cut = Cut(model, tcfg.recipe.freeze_at)
-    key = bank_key(tcfg.model, tcfg.init, tcfg.recipe.freeze_at, tcfg.recipe.views, tspec, split_hash,
-                   tcfg.augment, tcfg.seed, len(x), tcfg.recipe.bank_bf16)
-    bank = build_bank(cut, x, params, tspec, key, cache_dir or default_cache_dir(), progress,
-                      tcfg.recipe.bank_bf16)
+    bank = bank_for(tcfg, cut, x, params, tspec, split_hash, cache_dir, progress)
     model = model.to(memory_format=torch.channels_last)
     out = np.empty((bank.shape[0], bank.shape[1], 7), np.float32)
     for v in tqdm(range(bank.shape[0]), desc=f"teacher {run_dir.name} on the views", unit="view", disable=not progress,

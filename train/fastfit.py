@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dermtrain.augment import AugmentParams
-from dermtrain.bank import bank_key, build_bank, default_cache_dir, early_features, make_views, view_params
+from dermtrain.bank import bank_for, early_features, make_views, view_params
 from dermtrain.cache import build_cache
 from dermtrain.config import Recipe, TrainConfig
 from dermtrain.data import load_records
@@ -130,9 +130,8 @@ def bank_inputs(model: nn.Module, cfg: TrainConfig, spec, train_x, val_x, params
                 device: torch.device, cache_dir: Path | None, progress: bool) -> Inputs:
     r = cfg.recipe
     cut = Cut(model, r.freeze_at)
-    key = bank_key(cfg.model, cfg.init, r.freeze_at, r.views, spec, split_hash, cfg.augment, cfg.seed, len(train_x), r.bank_bf16)
     t0 = time.perf_counter()
-    bank = build_bank(cut, train_x, params, spec, key, cache_dir, progress, r.bank_bf16)
+    bank = bank_for(cfg, cut, train_x, params, spec, split_hash, cache_dir, progress)
     seconds = time.perf_counter() - t0
     val_feats = early_features(cut, val_x, None, spec, desc="validation features", progress=progress)
 
@@ -192,8 +191,7 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
     log_prior = torch.from_numpy(log_prior_np).to(device)
 
     if r.freeze_at:
-        inputs = bank_inputs(model, cfg, spec, train_x, val_x, params, split_hash, device,
-                             cache_dir or default_cache_dir(), progress)
+        inputs = bank_inputs(model, cfg, spec, train_x, val_x, params, split_hash, device, cache_dir, progress)
     else:
         inputs = view_inputs(model, cfg, spec, train_x, val_x, params, device)
     teacher = None

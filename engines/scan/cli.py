@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     from engines.scan.discover import find_images
     from engines.scan.outputs import OutputLock, check_existing, check_paths
     from engines.scan.report_html import write_html
-    from engines.scan.results import OutputError, ResultsWriter, Row, ScanIdentity, printable, read_results, write_isic
+    from engines.scan.results import (OutputError, ResultsWriter, Row, ScanIdentity, printable, read_results,
+                                      row_name, write_isic)
     from engines.scan.scanner import scan
     from engines.select import open_engine, resolve_model
 
@@ -72,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             if found.other_files:
                 log(f"note: {found.other_files} files that are not images were left out")
             writer = ResultsWriter(out, identity, resume=a.resume)
-            done = {r.file for r in read_results(out)}
-            todo = [f for f in files if printable(f.relative_to(folder).as_posix()) not in done]
+            done = writer.done
+            todo = [f for f in files if row_name(f, folder) not in done]
             if done:
                 log(f"resuming: {len(files) - len(todo)} of {len(files)} images already in {out}")
             try:
-                writer.append([Row(printable(d.relative_to(folder).as_posix()) + "/", "error",
+                writer.append([Row(row_name(d, folder) + "/", "error",
                                    f"{d}: {why}; its images were not scanned") for d, why in found.bad_folders])
                 if a.ray:
                     from engines.scan.ray_scan import scan_ray
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             if isic:
                 write_isic(rows, isic)
             if html:
-                paths = {printable(f.relative_to(folder).as_posix()): f for f in found.files}
+                paths = {row_name(f, folder): f for f in found.files}
                 write_html(html, rows, folder, engine.bundle, engine.backend, str(a.model or "default"), a.tta,
                            paths)
     except (BundleError, OutputError) as e:

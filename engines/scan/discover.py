@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engines.imageio import is_image_file, is_unsupported_image
+from engines.imageio import looks_like_image
 
 
 @dataclass
@@ -44,7 +44,7 @@ def find_images(folder: Path, recursive: bool = False) -> Found:
                 if e.is_dir(follow_symlinks=True):
                     if recursive:
                         (linked if e.is_symlink() else real).append(Path(e.path))
-                elif is_image_file(e.name) or is_unsupported_image(e.name):
+                elif looks_like_image(e.name):
                     found.files.append(Path(e.path))
                 else:
                     found.other_files += 1

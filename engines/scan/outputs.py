@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engines.imageio import is_image_file, is_unsupported_image
+from engines.imageio import looks_like_image
 from engines.scan.results import ISIC_COLUMNS, OutputError, is_results_file, sidecar
 
 HTML_MARKER = "<h1>DermEdge scan report</h1>"
@@ -51,7 +51,7 @@ def check_paths(out: Path, html: Path | None, isic: Path | None, inputs: list[Pa
             raise OutputError(f"{a}: is where the results' sidecar goes; pick another {fa}")
     resolved_inputs = {p.resolve() for p in inputs}
     for flag, p in named:
-        if is_image_file(p.name) or is_unsupported_image(p.name):
+        if looks_like_image(p.name):
             raise OutputError(f"{p}: {flag} names an image file; refusing to write results over an image")
         if p.resolve() in resolved_inputs:
             raise OutputError(f"{p}: {flag} is one of the images being scanned; refusing to overwrite it")

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from engines.labels import CLASS_CODES
-from engines.scan.results import OutputError, ResultsWriter, Row, printable
+from engines.scan.results import OutputError, ResultsWriter, Row, row_name
 from engines.scan.scanner import ScanStats, classify_rows, load_one
 
 K = len(CLASS_CODES)
@@ -114,7 +114,7 @@ def scan_ray(files: list[Path], folder: Path, model_path: Path, spec, writer: Re
     if not actors:
         actors = cpus if address in (None, "", "local") else max(1, cpus // 2)
     readers = readers or max(1, cpus // 2)
-    items = [{"path": str(p), "rel": printable(p.relative_to(folder).as_posix())} for p in files]
+    items = [{"path": str(p), "rel": row_name(p, folder)} for p in files]
     ds = (ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch, 8 * cpus)))
           .map_batches(_Reader, fn_constructor_args=(spec,), batch_size=batch, concurrency=readers,
                        num_cpus=0.5, batch_format="numpy")

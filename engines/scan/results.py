@@ -35,6 +35,11 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def row_name(path: Path, folder: Path) -> str:
+    """How a file of the scanned folder is named in the results: its relative path, printable."""
+    return printable(path.relative_to(folder).as_posix())
+
+
 def neutralise(cell: str) -> str:
     return "'" + cell if cell.startswith(FORMULA_START) else cell
 
@@ -162,11 +167,13 @@ class ResultsWriter:
 
     def __init__(self, path: Path, identity: ScanIdentity, resume: bool):
         self.path = path
+        self.done: set[str] = set()  # files whose results a resumed file already holds
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if resume and path.is_file():
                 check_resume(path, identity)
                 keep = [r for r in read_results(path) if r.status == "ok"]
+                self.done = {r.file for r in keep}
                 with atomic_path(path) as tmp:
                     tmp.write_bytes(_serialise([list(COLUMNS), *(r.cells() for r in keep)]).encode("utf-8"))
                 self.f = open(path, "a", newline="", encoding="utf-8")

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from engines.engine import Engine
 from engines.imageio import ImageReadError, check_content, load_rgb
 from engines.preprocess import PreprocessSpec, normalize, resize_for_model
-from engines.scan.results import ResultsWriter, Row, one_line, printable
+from engines.scan.results import ResultsWriter, Row, one_line, row_name
 
 
 @dataclass
@@ -99,7 +99,7 @@ def scan(files: list[Path], folder: Path, engine: Engine, writer: ResultsWriter,
                 break
             path, fut = pending.popleft()
             x, size, err = fut.result()
-            rel = printable(path.relative_to(folder).as_posix())
+            rel = row_name(path, folder)
             if err is not None:
                 errors.append(Row(rel, "error", err))
             else:

@@ -1,4 +1,4 @@
-"""`dermconvert RUN_OR_CHECKPOINT --onnx OUT.onnx [--fp16] [--engine PATH] [--data DIR]` and
+"""`dermconvert RUN_OR_CHECKPOINT --onnx OUT.onnx [--fp16] [--int8] [--engine PATH] [--data DIR]` and
 `dermconvert verify MODEL.onnx --data DIR --split split.csv`."""
 from __future__ import annotations
 
@@ -14,15 +14,34 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def convert_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dermconvert", description="Checkpoint -> ONNX bundle -> FP16 ONNX / TensorRT, "
-                                "each verified on real validation images. `dermconvert verify -h` for the gate alone.")
+    p = argparse.ArgumentParser(prog="dermconvert", description="Checkpoint -> ONNX bundle -> FP16 / INT8 ONNX -> "
+                                "TensorRT, each gated on real validation images. `dermconvert verify -h` for the gate alone.")
     p.add_argument("source", help="run folder (uses best.pt) or checkpoint file")
     p.add_argument("--onnx", required=True, help="output ONNX bundle")
-    p.add_argument("--fp16", action="store_true", help="also OUT.fp16.onnx and, where TensorRT is present, an FP16 engine")
+    p.add_argument("--fp16", action="store_true", help="also OUT.fp16.onnx, kept if it passes its gate")
+    p.add_argument("--int8", action="store_true", help="also OUT.int8.onnx (QDQ, calibrated on training images), kept "
+                   "if it passes its gate (top-1 agreement >= 98.5%%, balanced accuracy and melanoma recall within 1 point)")
+    p.add_argument("--calib-images", type=int, default=512, help="INT8 calibration images from the training split")
+    p.add_argument("--int8-signed", action="store_true", help="INT8 with signed symmetric activations, the only form "
+                   "TensorRT takes (ONNX Runtime CPU runs it slower than FP32; the default unsigned form is for it)")
     p.add_argument("--engine", help="TensorRT engine path (default: the per-GPU cache); an error if TensorRT is missing")
+    p.add_argument("--engine-precision", choices=("fp32", "fp16", "int8"),
+                   help="the gated ONNX the engine is built from (default: fp16 with --fp16, else fp32)")
     p.add_argument("--no-cam", action="store_true", help="no class-activation-map output")
-    p.add_argument("--opt-batch", type=int, nargs="+", default=[1, 32], help="TensorRT profiles' optimal batches")
-    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=32, help="largest batch the TensorRT engine takes")
+    _common(p)
+    return p
+
+
+def derive_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dermconvert derive", description="The gated FP16 / INT8 files of an FP32 bundle "
+                                "ONNX (M.fp16.onnx, M.int8.onnx beside it), without the checkpoint it came from")
+    p.add_argument("model", help="the FP32 ONNX bundle")
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--int8", action="store_true")
+    p.add_argument("--calib-images", type=int, default=512, help="INT8 calibration images from the training split")
+    p.add_argument("--int8-signed", action="store_true", help="INT8 with signed symmetric activations, the only form "
+                   "TensorRT takes (ONNX Runtime CPU runs it slower than FP32; the default unsigned form is for it)")
     _common(p)
     return p
 
@@ -45,11 +64,20 @@ def main(argv: list[str] | None = None) -> int:
     from engines.bundle import BundleError
 
     argv = sys.argv[1:] if argv is None else argv
-    is_verify = bool(argv) and argv[0] == "verify"
-    a = (verify_parser() if is_verify else convert_parser()).parse_args(argv[1:] if is_verify else argv)
+    sub = argv[0] if argv and argv[0] in ("verify", "derive") else None
+    parser = {"verify": verify_parser, "derive": derive_parser, None: convert_parser}[sub]()
+    a = parser.parse_args(argv[1:] if sub else argv)
     try:
         data = resolve_data_dir(a.data) if (a.data or os.environ.get("DERM_DATA")) else None
-        if is_verify:
+        if sub == "derive":
+            from dermconvert.pipeline import derive
+            if data is None or not a.split:
+                raise ConvertError("derive needs --data (or DERM_DATA) and --split")
+            if not (a.fp16 or a.int8) or a.calib_images < 1:
+                raise ConvertError("derive needs --fp16 and/or --int8 (and a positive --calib-images)")
+            res = derive(Path(a.model), data, Path(a.split), a.fp16, a.int8, a.limit, a.calib_images, a.int8_signed)
+            return 0 if res.passed else 1
+        if sub == "verify":
             from dermconvert.pipeline import verify
             if data is None or not a.split:
                 raise ConvertError("verify needs --data (or DERM_DATA) and --split")
@@ -57,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                              Path(a.engine) if a.engine else None, a.limit)
             return 0 if all(r.passed for r in results) else 1
         from dermconvert.pipeline import convert
+        if a.calib_images < 1:
+            raise ConvertError(f"--calib-images {a.calib_images}: give a positive number")
         res = convert(Path(a.source), Path(a.onnx), a.fp16, Path(a.engine) if a.engine else None, data,
-                      Path(a.split) if a.split else None, not a.no_cam, a.limit, tuple(a.opt_batch), a.max_batch)
+                      Path(a.split) if a.split else None, not a.no_cam, a.limit, a.max_batch, a.int8,
+                      a.engine_precision, a.calib_images, a.int8_signed)
         if not res.passed:
             print(f"dermconvert: accuracy gate FAILED; see {res.parity_report}", file=sys.stderr)
             return 1

@@ -1,4 +1,5 @@
-"""The conversion pipeline: checkpoint -> ONNX (+ parity) -> FP16 ONNX (+ gate) -> TensorRT engine (+ gate)."""
+"""The conversion pipeline: checkpoint -> ONNX (+ parity) -> FP16 / INT8 ONNX (+ gate each) -> a strongly typed
+TensorRT engine from one of those gated files (+ gate)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,7 +9,8 @@ import numpy as np
 
 from dermconvert.export import ConvertError, bundle_for_run, export_onnx, torch_parity
 from dermconvert.fp16 import convert_fp16
-from dermconvert.gate import GateResult, compare, write_report
+from dermconvert.gate import LIMITS, GateResult, compare, write_report
+from dermconvert.int8 import quantize_int8
 from dermtrain.cache import build_cache
 from dermtrain.data import load_records
 from dermtrain.splits import read_manifest, select
@@ -19,6 +21,7 @@ from engines.preprocess import PreprocessSpec, normalize
 class ConvertResult:
     onnx: Path
     fp16_onnx: Path | None = None
+    int8_onnx: Path | None = None
     engine: Path | None = None
     parity_report: Path | None = None
     gates: list[GateResult] = field(default_factory=list)
@@ -35,6 +38,25 @@ def validation_batch(data_dir: Path, split_csv: Path, spec: PreprocessSpec, limi
     recs = select(read_manifest(split_csv), load_records(data_dir), "val", limit, seed=0)
     x, y = build_cache(recs, spec, "caching val", progress)
     return normalize(x, spec), y
+
+
+def calibration_batch(data_dir: Path, split_csv: Path, spec: PreprocessSpec, n: int, progress: bool = True) -> np.ndarray:
+    """A stratified sample of `n` training images (never validation: the gate measures on those)."""
+    recs = select(read_manifest(split_csv), load_records(data_dir), "train", n, seed=0)
+    x, _ = build_cache(recs, spec, "caching calibration", progress)
+    return normalize(x, spec)
+
+
+def images_per_second(engine, batch: np.ndarray, seconds: float = 3.0) -> float:
+    """Throughput of `engine.run` on `batch` (one warm-up call, then repeated for `seconds`)."""
+    import time
+
+    engine.run(batch)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        engine.run(batch)
+        n += len(batch)
+    return n / (time.perf_counter() - t0)
 
 
 def resolve_checkpoint(src: Path) -> tuple[Path, Path]:
@@ -54,8 +76,9 @@ def sibling(onnx_path: Path, suffix: str) -> Path:
 
 
 def convert(src: Path, out: Path, fp16: bool = False, engine: Path | None = None, data: Path | None = None,
-            split: Path | None = None, with_cam: bool = True, limit: int | None = None,
-            opt_batches: tuple[int, ...] = (1, 32), max_batch: int = 64, log=print) -> ConvertResult:
+            split: Path | None = None, with_cam: bool = True, limit: int | None = None, max_batch: int = 32,
+            int8: bool = False, engine_precision: str | None = None, calib_images: int = 512, int8_signed: bool = False,
+            log=print) -> ConvertResult:
     from dermtrain.evaluate import evaluate, load_run_model
     from engines.onnx_backend import OrtEngine
 
@@ -88,19 +111,20 @@ def convert(src: Path, out: Path, fp16: bool = False, engine: Path | None = None
         raise ConvertError(f"{out}: ONNX disagrees with PyTorch (max |logit diff| {par.max_abs_logit_diff:.2e}, "
                            f"top-1 {par.top1_agreement:.2%}); nothing written")
 
-    if fp16 or engine is not None:
+    if fp16 or int8 or engine is not None:
         ref = OrtEngine(out, "cpu")
         if fp16:
-            res.fp16_onnx = sibling(out, ".fp16.onnx")
-            convert_fp16(out, res.fp16_onnx, bundle)
-            if labels is not None:
-                g = compare(ref, OrtEngine(res.fp16_onnx, "cpu"), batch, labels, "FP16 ONNX (ONNX Runtime CPU)")
-                res.gates.append(g)
-                log(_gate_line(g))
-                if not g.passed:
-                    res.fp16_onnx.unlink()
-                    res.fp16_onnx = None
-        res.engine = _maybe_engine(out, engine, ref, batch, labels, res, opt_batches, max_batch, log)
+            res.fp16_onnx = _gated(ref, sibling(out, ".fp16.onnx"), lambda dst: convert_fp16(out, dst, bundle),
+                                   batch, labels, "FP16 ONNX (ONNX Runtime CPU)", res, log)
+        if int8:
+            if labels is None:
+                raise ConvertError("--int8 needs --data: it calibrates on training images and is gated on validation images")
+            calib = calibration_batch(data, split, spec, calib_images)
+            extra["int8_calibration"] = f"{len(calib)} training images of {split}"
+            res.int8_onnx = _gated(ref, sibling(out, ".int8.onnx"),
+                                   lambda dst: quantize_int8(out, dst, calib, bundle, log, int8_signed),
+                                   batch, labels, "INT8 ONNX (ONNX Runtime CPU)", res, log, speed=True)
+        res.engine = _maybe_engine(res, engine, engine_precision, ref, batch, labels, max_batch, log)
         if labels is not None:
             res.parity_report = sibling(out, ".parity.json")
             write_report(res.gates, res.parity_report, extra)
@@ -109,15 +133,42 @@ def convert(src: Path, out: Path, fp16: bool = False, engine: Path | None = None
     return res
 
 
+def _gated(ref, dst: Path, make, batch, labels, name: str, res: ConvertResult, log, speed: bool = False) -> Path | None:
+    """Write `dst` with make(dst), then gate it against `ref`: it stays only if it passes (or when there are no
+    labels to gate on, which the caller has said in a note)."""
+    from engines.onnx_backend import OrtEngine
+
+    make(dst)
+    if labels is None:
+        return dst
+    cand = OrtEngine(dst, "cpu")
+    g = compare(ref, cand, batch, labels, name)
+    if speed:
+        b = batch[:32]
+        ips32, ips = images_per_second(ref, b), images_per_second(cand, b)
+        g.speed = {"fp32 images/s (batch 32)": round(ips32, 1), f"{cand.bundle.precision} images/s (batch 32)": round(ips, 1),
+                   "speed-up": round(ips / ips32, 2)}
+    res.gates.append(g)
+    log(_gate_line(g))
+    if not g.passed:
+        dst.unlink(missing_ok=True)
+        return None
+    return dst
+
+
 def _gate_line(g: GateResult) -> str:
     verdict = "PASS" if g.passed else "FAIL (" + "; ".join(g.failures) + ")"
     return (f"gate {g.candidate} on {g.n} images: top-1 agreement {g.top1_agreement:.2%}, balanced accuracy "
             f"{g.balanced_accuracy_fp32:.4f} -> {g.balanced_accuracy_fp16:.4f}, melanoma recall "
-            f"{g.melanoma_recall_fp32:.4f} -> {g.melanoma_recall_fp16:.4f}, max prob diff {g.max_prob_diff:.2e}: {verdict}")
+            f"{g.melanoma_recall_fp32:.4f} -> {g.melanoma_recall_fp16:.4f}, max prob diff {g.max_prob_diff:.2e}"
+            + "".join(f", {k} {v}" for k, v in g.speed.items()) + f": {verdict}")
 
 
-def _maybe_engine(onnx_path, engine, ref, batch, labels, res, opt_batches, max_batch, log) -> Path | None:
-    from engines.tensorrt_backend import TensorRTError, TrtEngine, build_engine, cached_engine_path, engine_cache_dir, trt_unavailable
+def _maybe_engine(res: ConvertResult, engine: Path | None, precision: str | None, ref, batch, labels, max_batch: int,
+                  log) -> Path | None:
+    """A strongly typed TensorRT engine from the gated ONNX file of `precision` (default: FP16 when that was
+    made, else FP32), gated itself; a note (or, when --engine was asked for, an error) where TensorRT is missing."""
+    from engines.tensorrt_backend import TensorRTError, TrtEngine, build_engine, cached_engine_path, timing_cache_path, trt_unavailable
 
     why = trt_unavailable()
     if why is not None:
@@ -125,16 +176,20 @@ def _maybe_engine(onnx_path, engine, ref, batch, labels, res, opt_batches, max_b
             raise ConvertError(f"cannot build TensorRT engine {engine}: {why}")
         res.notes.append(f"no TensorRT engine built: {why}")
         return None
-    path = Path(engine) if engine is not None else cached_engine_path(onnx_path)
+    precision = precision or ("fp16" if res.fp16_onnx else "fp32")
+    src = {"fp32": res.onnx, "fp16": res.fp16_onnx, "int8": res.int8_onnx}[precision]
+    if src is None:
+        raise ConvertError(f"no gated {precision.upper()} ONNX to build a TensorRT engine from "
+                           f"(pass --{precision}, and it must pass its gate)")
+    path = Path(engine) if engine is not None else cached_engine_path(src, max_batch)
     try:
-        build_engine(onnx_path, path, fp16=True, opt_batches=opt_batches, max_batch=max_batch,
-                     timing_cache=engine_cache_dir() / "timing.cache")
-        trt = TrtEngine(onnx_path, path, rebuild=False)
+        build_engine(src, path, max_batch=max_batch, timing_cache=timing_cache_path(), log=log)
+        trt = TrtEngine(src, path, rebuild=False, max_batch=max_batch)
     except TensorRTError as e:
         raise ConvertError(str(e)) from None
-    log(f"TensorRT FP16 engine {path} ({trt.info.gpu_name}, sm {trt.info.compute_capability}, TensorRT {trt.info.tensorrt_version})")
+    log(f"TensorRT engine {path} from {src.name} ({trt.info.gpu}, TensorRT {trt.info.tensorrt_version})")
     if labels is not None:
-        g = compare(ref, trt, batch, labels, f"TensorRT FP16 ({trt.info.gpu_name})")
+        g = compare(ref, trt, batch, labels, f"TensorRT {precision.upper()} ({trt.info.gpu})", LIMITS.get(precision))
         res.gates.append(g)
         log(_gate_line(g))
         if not g.passed:
@@ -143,6 +198,30 @@ def _maybe_engine(onnx_path, engine, ref, batch, labels, res, opt_batches, max_b
             Path(str(path) + ".json").unlink(missing_ok=True)
             return None
     return path
+
+
+def derive(fp32_onnx: Path, data: Path, split: Path, fp16: bool, int8: bool, limit: int | None = None,
+           calib_images: int = 512, int8_signed: bool = False, log=print) -> ConvertResult:
+    """`dermconvert derive`: the gated FP16 / INT8 files of an FP32 bundle ONNX, without its checkpoint."""
+    from engines.onnx_backend import OrtEngine
+
+    ref = OrtEngine(fp32_onnx, "cpu")
+    bundle, spec = ref.bundle, ref.bundle.preprocess
+    batch, labels = validation_batch(data, split, spec, limit)
+    res = ConvertResult(onnx=fp32_onnx)
+    extra: dict = {"reference": str(fp32_onnx), "images": f"{len(labels)} validation images of {split}"}
+    if fp16:
+        res.fp16_onnx = _gated(ref, sibling(fp32_onnx, ".fp16.onnx"), lambda dst: convert_fp16(fp32_onnx, dst, bundle),
+                               batch, labels, "FP16 ONNX (ONNX Runtime CPU)", res, log)
+    if int8:
+        calib = calibration_batch(data, split, spec, calib_images)
+        extra["int8_calibration"] = f"{len(calib)} training images of {split}"
+        res.int8_onnx = _gated(ref, sibling(fp32_onnx, ".int8.onnx"),
+                               lambda dst: quantize_int8(fp32_onnx, dst, calib, bundle, log, int8_signed),
+                               batch, labels, "INT8 ONNX (ONNX Runtime CPU)", res, log, speed=True)
+    res.parity_report = sibling(fp32_onnx, ".parity.json")
+    write_report(res.gates, res.parity_report, extra)
+    return res
 
 
 def verify(fp32_onnx: Path, data: Path, split: Path, fp16_onnx: Path | None = None, engine: Path | None = None,
@@ -156,17 +235,23 @@ def verify(fp32_onnx: Path, data: Path, split: Path, fp16_onnx: Path | None = No
     fp16_onnx = fp16_onnx or sibling(fp32_onnx, ".fp16.onnx")
     if fp16_onnx.is_file():
         results.append(compare(ref, OrtEngine(fp16_onnx, "cpu"), batch, labels, "FP16 ONNX (ONNX Runtime CPU)"))
+    if sibling(fp32_onnx, ".int8.onnx").is_file():
+        results.append(compare(ref, OrtEngine(sibling(fp32_onnx, ".int8.onnx"), "cpu"), batch, labels,
+                               "INT8 ONNX (ONNX Runtime CPU)"))
     if engine is not None:
-        from engines.tensorrt_backend import TensorRTError, TrtEngine, trt_unavailable
+        from engines.tensorrt_backend import TensorRTError, TrtEngine, read_info, trt_unavailable
         why = trt_unavailable()
         if why:
             raise ConvertError(f"cannot verify TensorRT engine {engine}: {why}")
         try:
-            results.append(compare(ref, TrtEngine(fp32_onnx, engine, rebuild=False), batch, labels, "TensorRT FP16"))
+            info = read_info(Path(engine))
+            src = fp32_onnx if info.precision == "fp32" else sibling(fp32_onnx, f".{info.precision}.onnx")
+            trt = TrtEngine(src, engine, rebuild=False, max_batch=info.max_batch)
+            results.append(compare(ref, trt, batch, labels, f"TensorRT {info.precision.upper()}", LIMITS.get(info.precision)))
         except TensorRTError as e:
             raise ConvertError(str(e)) from None
     if not results:
-        raise ConvertError(f"{fp16_onnx}: nothing to verify (no FP16 ONNX; pass --engine for a TensorRT engine)")
+        raise ConvertError(f"{fp32_onnx}: nothing to verify (no FP16 or INT8 ONNX beside it; pass --engine for a TensorRT engine)")
     for g in results:
         log(_gate_line(g))
     write_report(results, sibling(fp32_onnx, ".parity.json"), {"reference": str(fp32_onnx),

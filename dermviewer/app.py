@@ -20,6 +20,7 @@ from dermviewer.mailbox import Mailbox
 from dermviewer.snapshot import save_snapshot
 from dermviewer.sources import CaptureThread, Frame, SourceStatus, describe
 from engines.display import pct
+from engines.select import PRECISIONS
 from engines.version import VersionAction
 from dermviewer.stats import Rate, RunStats
 from dermviewer.view import FrameView
@@ -373,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="0", help="camera index, /dev/videoN, video file, image or folder")
     p.add_argument("--model", help="ONNX bundle or shipped name (default, convnext)")
     p.add_argument("--backend", default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, help="run the gated file of this precision beside the model "
+                   "(M.fp16.onnx, M.int8.onnx; default: the file as given)")
     p.add_argument("--threads", type=int, default=1, help="inference threads (1 leaves a core for display)")
     p.add_argument("--smooth", type=int, default=5, help="average predictions over the last N frames")
     p.add_argument("--snapshots", default="snapshots", help="folder for snapshots")
@@ -421,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(Debian/Ubuntu: sudo apt-get install {' '.join(missing)})", file=sys.stderr)
         return 2
     try:
-        choice = open_engine(a.model, a.backend, a.threads, max_batch=1)
+        choice = open_engine(a.model, a.backend, a.threads, max_batch=1, precision=a.precision)
     except BundleError as e:
         print(f"dermviewer: error: {e}", file=sys.stderr)
         return 2

@@ -74,13 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     from engines.imageio import load_rgb
     from engines.preprocess import preprocess_batch
     from engines.scan.discover import find_images
-    from engines.select import open_engine
+    from engines.select import PRECISIONS, open_engine
 
     ap = argparse.ArgumentParser(prog="dermbench", description=__doc__)
     ap.add_argument("folder")
     ap.add_argument("--limit", type=int, default=512)
     ap.add_argument("--model", help="ONNX bundle or shipped name (default: the shipped default)")
     ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--precision", choices=PRECISIONS, help="run the gated file of this precision beside the model "
+                    "(M.fp16.onnx, M.int8.onnx; default: the file as given)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager baseline")
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dermbench: error: {folder}: folder not found", file=sys.stderr)
         return 2
     try:
-        engine = open_engine(a.model, a.backend, a.threads, a.batch).engine
+        engine = open_engine(a.model, a.backend, a.threads, a.batch, a.precision).engine
     except BundleError as e:
         print(f"dermbench: error: {e}", file=sys.stderr)
         return 2
@@ -106,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dermscan end to end (decode, preprocess, infer, CSV): {e2e:.1f} images/s ({100 * e2e / pure:.0f}% of pure)")
     ray_e2e = None
     if a.ray:
-        from engines.select import resolve_model
+        from engines.select import resolve_model, with_precision
         from engines.scan.results import OutputError
         try:
-            ray_e2e = scan_end_to_end(files, folder, engine, a.batch, a.ray, resolve_model(a.model))
+            ray_e2e = scan_end_to_end(files, folder, engine, a.batch, a.ray,
+                                      with_precision(resolve_model(a.model), a.precision))
         except OutputError as e:
             print(f"dermbench: error: {e}", file=sys.stderr)
             return 2

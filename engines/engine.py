@@ -106,4 +106,4 @@ class Engine(ABC):
                           cams=cam)
 
     def describe(self) -> str:
-        return f"{self.bundle.model_name} @ {self.bundle.preprocess.size}px on {self.backend}"
+        return f"{self.bundle.model_name} @ {self.bundle.preprocess.size}px {self.bundle.precision} on {self.backend}"

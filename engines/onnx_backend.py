@@ -16,14 +16,39 @@ PROVIDER_ALIASES = {
 }
 
 
+def import_ort():
+    """onnxruntime, or a one-line BundleError saying how to install exactly one of its two packages."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BundleError("ONNX Runtime is not installed: pip install 'dermedge[cpu]' (or 'dermedge[gpu]' with an "
+                          "NVIDIA GPU; never both)") from None
+    return ort
+
+
+def ort_conflict() -> str | None:
+    """Both `onnxruntime` and `onnxruntime-gpu` installed overwrite each other's files: the CUDA provider goes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    have = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            have.append(f"{dist} {version(dist)}")
+        except PackageNotFoundError:
+            pass
+    if len(have) < 2:
+        return None
+    return (f"both {' and '.join(have)} are installed and overwrite each other: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu, then install one")
+
+
 def available_providers() -> list[str]:
-    import onnxruntime as ort
-    return ort.get_available_providers()
+    return import_ort().get_available_providers()
 
 
 class OrtEngine(Engine):
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int = 0, max_batch: int = 64):
-        import onnxruntime as ort
+        ort = import_ort()
 
         self.path = Path(path)
         if not self.path.is_file():

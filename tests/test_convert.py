@@ -81,7 +81,7 @@ def test_gate_fails_on_damaged_model(tiny_run, tiny_onnx, data_dir, tmp_path):
 def test_gate_failure_exits_nonzero_and_writes_nothing(tiny_run, data_dir, tmp_path, monkeypatch):
     import dermconvert.gate as gate
     from dermconvert.cli import main
-    monkeypatch.setattr(gate, "MIN_TOP1_AGREEMENT", 1.01)  # an impossible bar: the gate must refuse
+    monkeypatch.setitem(gate.LIMITS, "fp16", gate.GateLimits(1.01, 0.0, 0.0))  # an impossible bar: the gate must refuse
     out = tmp_path / "m.onnx"
     rc = main([str(tiny_run), "--onnx", str(out), "--fp16", "--data", str(data_dir), "--limit", "60"])
     assert rc == 1

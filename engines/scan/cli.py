@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from engines.select import PRECISIONS
 from engines.version import VersionAction
 
 
@@ -15,6 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder")
     p.add_argument("--model", help="ONNX bundle, or a shipped model name (default, convnext)")
     p.add_argument("--backend", default="auto", help="auto, tensorrt, cuda, cpu, ort-trt")
+    p.add_argument("--precision", choices=PRECISIONS, help="run the gated file of this precision beside the model "
+                   "(M.fp16.onnx, M.int8.onnx; default: the file as given)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--recursive", action="store_true", help="scan subfolders too")
     p.add_argument("--out", default="dermscan_results.csv", help="results CSV (default: %(default)s)")
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from engines.scan.results import (OutputError, ResultsWriter, Row, ScanIdentity, printable, read_results,
                                       row_name, write_isic)
     from engines.scan.scanner import scan
-    from engines.select import open_engine, resolve_model
+    from engines.select import open_engine, resolve_model, with_precision
 
     a = build_parser().parse_args(argv)
     folder = Path(a.folder)
@@ -61,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         with OutputLock(out):
             check_existing(out, html, isic, a.resume, a.overwrite)
             # The model is loaded and checked before any output is touched.
-            model_path = resolve_model(a.model)
-            choice = open_engine(model_path, a.backend, a.threads, max_batch=max(a.batch, 1))
+            model_path = with_precision(resolve_model(a.model), a.precision)
+            choice = open_engine(model_path, a.backend, a.threads, max_batch=max(a.batch, 1), precision=a.precision)
             engine = choice.engine
             identity = ScanIdentity(model_sha256=sha256_file(model_path), model=str(a.model or "default"),
                                     folder=str(folder.resolve()), recursive=a.recursive, tta=a.tta,

@@ -13,7 +13,7 @@ ls dist/dermedge-*-py3-none-any.whl >/dev/null 2>&1 || "$BUILD_PY" -m build --wh
 WHEEL=$(ls dist/dermedge-*-py3-none-any.whl | tail -n 1)
 [ -x "$ENV/bin/python" ] || python3 -m venv "$ENV"
 "$ENV/bin/pip" install --quiet --force-reinstall --no-deps "$WHEEL"
-"$ENV/bin/pip" install --quiet "$WHEEL[viewer]" "pyinstaller>=6.10"
+"$ENV/bin/pip" install --quiet "$WHEEL[viewer,cpu]" "pyinstaller>=6.10"
 "$ENV/bin/pyinstaller" --noconfirm --log-level WARN --distpath dist --workpath build/pyinstaller "$HERE/dermedge.spec"
 cp "$HERE/CLINIC-README.txt" dist/DermEdge/README.txt
 cp "$HERE/dermedge.png" dist/DermEdge/dermedge.png

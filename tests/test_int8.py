@@ -1,0 +1,138 @@
+"""INT8 ONNX: quantization, bias correction and the gate on real images; precision selection at run time; and
+`--backend auto` falling back whatever TensorRT raises."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from dermconvert.gate import LIMITS, compare
+from dermconvert.int8 import fold_dynamic_pads, quantize_int8
+from dermconvert.pipeline import calibration_batch, validation_batch
+from engines.bundle import BundleError
+from engines.onnx_backend import OrtEngine
+from engines.select import MODELS_DIR, open_engine
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gate_set(tiny_run, tiny_onnx, data_dir):
+    ref = OrtEngine(tiny_onnx)
+    batch, labels = validation_batch(data_dir, tiny_run / "split.csv", ref.bundle.preprocess, limit=120, progress=False)
+    calib = calibration_batch(data_dir, tiny_run / "split.csv", ref.bundle.preprocess, 64, progress=False)
+    return ref, batch, labels, calib
+
+
+def _logit_error(ref, path, batch):
+    return float(np.abs(ref.forward(batch)[0] - OrtEngine(path).forward(batch)[0]).mean())
+
+
+def test_int8_file_is_qdq_per_channel_and_bias_correction_reduces_error(gate_set, tmp_path, monkeypatch):
+    import dermconvert.int8 as int8
+
+    ref, batch, labels, calib = gate_set
+    out = tmp_path / "m.int8.onnx"
+    bundle, info = quantize_int8(ref.path, out, calib, ref.bundle, log=lambda *_: None)
+    assert bundle.precision == "int8" and info.calibration_images == 64 and info.bias_corrected > 0
+    proto = onnx.load(str(out))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    weight_dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+                 and any(a.name == "axis" for a in n.attribute)]
+    assert weight_dq, "per-channel weights carry an axis"
+    eng = OrtEngine(out)
+    assert eng.bundle.precision == "int8" and eng.forward(batch[:4])[0].shape == (4, 7)
+
+    monkeypatch.setattr(int8, "correct_biases", lambda *a, **k: 0)
+    plain = tmp_path / "plain.int8.onnx"
+    quantize_int8(ref.path, plain, calib, ref.bundle, log=lambda *_: None)
+    assert _logit_error(ref, out, batch) < _logit_error(ref, plain, batch)
+
+
+def test_int8_gate_uses_int8_limits_and_refuses_a_damaged_model(gate_set, tmp_path):
+    ref, batch, labels, calib = gate_set
+    good = tmp_path / "m.int8.onnx"
+    quantize_int8(ref.path, good, calib, ref.bundle, log=lambda *_: None)
+    r = compare(ref, OrtEngine(good), batch, labels, "int8")
+    assert r.limits == LIMITS["int8"].describe() and "98.5%" in r.limits
+    proto = onnx.load(str(good))
+    inits = {t.name: t for t in proto.graph.initializer}
+    for t in inits.values():  # every INT8 weight negated
+        w = onnx.numpy_helper.to_array(t)
+        if w.dtype == np.int8 and w.ndim > 1:
+            t.CopyFrom(onnx.numpy_helper.from_array(np.clip(-w.astype(np.int16), -127, 127).astype(np.int8), t.name))
+    bad = tmp_path / "bad.int8.onnx"
+    onnx.save(proto, str(bad))
+    broken = compare(ref, OrtEngine(bad), batch, labels, "damaged int8")
+    assert not broken.passed and broken.failures
+
+
+def test_cli_int8_keeps_the_file_exactly_when_its_gate_passes(tiny_run, data_dir, tmp_path, capsys):
+    from dermconvert.cli import main
+
+    out = tmp_path / "m.onnx"
+    rc = main([str(tiny_run), "--onnx", str(out), "--int8", "--data", str(data_dir), "--limit", "120",
+               "--calib-images", "64"])
+    report = json.loads(out.with_name("m.parity.json").read_text())
+    gate = next(c for c in report["candidates"] if c["candidate"].startswith("INT8"))
+    assert gate["speed"]["speed-up"] > 0 and "INT8" in capsys.readouterr().out
+    assert out.with_name("m.int8.onnx").exists() == gate["passed"]
+    assert rc == (0 if gate["passed"] else 1)
+
+
+def test_cli_int8_without_data_is_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    from dermconvert.cli import main
+
+    monkeypatch.delenv("DERM_DATA", raising=False)
+    assert main([str(tiny_run), "--onnx", str(tmp_path / "m.onnx"), "--int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--int8 needs --data" in err and "\n" not in err
+    assert not (tmp_path / "m.int8.onnx").exists()
+
+
+def test_fold_dynamic_pads_keeps_the_outputs_of_the_shipped_lite0(gate_set, tmp_path):
+    src = MODELS_DIR / "efficientnet_lite0.onnx"
+    size = OrtEngine(src).bundle.preprocess.size
+    folded = fold_dynamic_pads(onnx.load(str(src)), size)
+    assert "Shape" not in {n.op_type for n in folded.graph.node}
+    onnx.save(folded, str(tmp_path / "folded.onnx"))
+    x = np.random.default_rng(0).normal(size=(3, 3, size, size)).astype(np.float32)
+    a, b = OrtEngine(src).forward(x)[0], OrtEngine(tmp_path / "folded.onnx").forward(x)[0]
+    assert np.allclose(a, b, atol=1e-4)
+
+
+def test_precision_picks_the_gated_sibling_and_refuses_what_is_not(tiny_onnx, tmp_path):
+    model = tmp_path / "m.onnx"
+    shutil.copy(tiny_onnx, model)
+    with pytest.raises(BundleError, match=r"no gated INT8 model beside m\.onnx"):
+        open_engine(model, "cpu", precision="int8")
+    shutil.copy(tiny_onnx.with_name("model.fp16.onnx"), tmp_path / "m.fp16.onnx")
+    assert open_engine(model, "cpu", precision="fp16").engine.bundle.precision == "fp16"
+    assert open_engine(tmp_path / "m.fp16.onnx", "cpu", precision="fp32").engine.bundle.precision == "fp32"
+    shutil.copy(tiny_onnx, tmp_path / "m.int8.onnx")  # an FP32 file under an INT8 name
+    with pytest.raises(BundleError, match="its metadata says fp32, not int8"):
+        open_engine(model, "cpu", precision="int8")
+
+
+@pytest.mark.parametrize("error", [RuntimeError("engine deserialization failed"), TypeError("bad argument"),
+                                   AttributeError("'IBuilderConfig' object has no attribute 'set_flag'")])
+def test_auto_falls_back_whatever_tensorrt_raises(tiny_onnx, tmp_path, monkeypatch, error):
+    import engines.tensorrt_backend as trt_backend
+
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(b"engine")
+
+    def broken(*a, **k):
+        raise error
+
+    monkeypatch.setattr(trt_backend, "trt_unavailable", lambda: None)
+    monkeypatch.setattr(trt_backend, "cached_engine_path", lambda *a, **k: plan)
+    monkeypatch.setattr(trt_backend, "TrtEngine", broken)
+    choice = open_engine(tiny_onnx, "auto")
+    assert choice.engine.backend == "onnxruntime:CPUExecutionProvider"
+    assert f"TensorRT not used ({type(error).__name__}: {error}" in choice.reason
+    assert "\n" not in choice.reason
+    with pytest.raises(BundleError, match=type(error).__name__):
+        open_engine(tiny_onnx, "tensorrt")

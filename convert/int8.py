@@ -179,18 +179,15 @@ def correct_biases(qmodel, fmodel, x: np.ndarray, log=print) -> int:
     return len(convs)
 
 
-def quantize_int8(src: Path, dst: Path, calib: np.ndarray, bundle: ModelBundle, log=print,
-                  signed: bool = False) -> tuple[ModelBundle, Int8Info]:
-    """FP32 bundle `src` -> INT8 QDQ bundle `dst` (complete or absent), calibrated on `calib` (preprocessed)."""
+def _quantize(src: Path, calib: np.ndarray, size: int, signed: bool):
+    """(the pre-processed FP32 graph, its QDQ version) before bias correction."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from dermconvert.export import set_metadata
-
     with tempfile.TemporaryDirectory() as tmp:
         folded, pre, raw = Path(tmp) / "folded.onnx", Path(tmp) / "pre.onnx", Path(tmp) / "qdq.onnx"
-        onnx.save(fold_dynamic_pads(onnx.load(str(src)), bundle.preprocess.size), str(folded))
+        onnx.save(fold_dynamic_pads(onnx.load(str(src)), size), str(folded))
         quant_pre_process(str(folded), str(pre), skip_symbolic_shape=False)
         fmodel = onnx.load(str(pre))
         quantize_static(str(pre), str(raw), _Reader(fmodel.graph.input[0].name, calib),
@@ -199,6 +196,20 @@ def quantize_int8(src: Path, dst: Path, calib: np.ndarray, bundle: ModelBundle, 
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                         extra_options={"ActivationSymmetric": signed, "WeightSymmetric": True})
         qmodel = onnx.load(str(raw))
+    return fmodel, qmodel
+
+
+def quantize_int8(src: Path, dst: Path, calib: np.ndarray, bundle: ModelBundle, log=print,
+                  signed: bool = False) -> tuple[ModelBundle, Int8Info]:
+    """FP32 bundle `src` -> INT8 QDQ bundle `dst` (complete or absent), calibrated on `calib` (preprocessed)."""
+    import onnx
+
+    from dermconvert.export import ConvertError, set_metadata
+
+    try:
+        fmodel, qmodel = _quantize(src, calib, bundle.preprocess.size, signed)
+    except Exception as e:  # noqa: BLE001 - the quantizer raises many types on a graph it cannot handle
+        raise ConvertError(f"{src}: INT8 quantization failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     corrected = correct_biases(qmodel, fmodel, calib[:CORRECTION_IMAGES], log)
     out_bundle = ModelBundle(**{**bundle.__dict__, "precision": "int8"})
     set_metadata(qmodel, out_bundle)

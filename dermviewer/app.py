@@ -87,7 +87,7 @@ class ViewerWindow(QMainWindow):
             self.bars.append((name, bar, value))
         self.fps_label = QLabel("camera – fps · inference – fps · display – fps")
         self.fps_label.setWordWrap(True)
-        self.backend_label = QLabel(f"backend: {self.engine.backend}"
+        self.backend_label = QLabel(f"backend: {self.engine.backend} ({self.engine.bundle.precision})"
                                     + (f"<br><span style='color:#666'>{backend_reason}</span>" if backend_reason else ""))
         self.backend_label.setWordWrap(True)
         self.source_label = QLabel("")
@@ -327,6 +327,7 @@ class ViewerWindow(QMainWindow):
                 "label": self.result.label if self.result else None,
                 "melanoma_flag": bool(self.result.melanoma_flag) if self.result else False,
                 "model": self.model_label, "network": self.engine.bundle.model_name, "backend": self.engine.backend,
+                "precision": self.engine.bundle.precision,
                 "source": self.source}
 
     def shutdown(self, timeout: float = 1.0) -> float:

@@ -7,6 +7,10 @@
 # the bundles into engines/models, and regenerates the cards and the comparison table.
 # The distilled ConvNeXt (`--config convnext-distill --teachers runs/lite0-bank`) is not shipped: stopped at 16 of
 # 25 epochs it reached 45.8% validation balanced accuracy against 52.9% for the from-scratch one.
+# Teachers (not shipped): `fit lite1-bank lite1-bank --epochs 8` (27.5 min from its bank, validation 68.4%), then
+# `python bench/ensemble.py runs/lite0-bank runs/lite1-bank` (validation 71.2%; docs/models/experiments/teachers.md).
+# The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
+# (INT8 fails its gate for both: docs/int8.md).
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]
 # Every step resumes: a stopped `fit` continues from its last epoch with --resume.
 set -euo pipefail
@@ -40,6 +44,11 @@ if [ "$stage" = all ] || [ "$stage" = ship ]; then
   done
   cp build/models/lite0-bank.onnx engines/models/efficientnet_lite0.onnx
   cp build/models/convnext_atto.onnx engines/models/convnext_atto.onnx
+  # the gated FP16 files travel with them (dermconvert deletes one that fails its gate)
+  for pair in lite0-bank:efficientnet_lite0 convnext_atto:convnext_atto; do
+    src=build/models/${pair%%:*}.fp16.onnx
+    if [ -f "$src" ]; then cp "$src" "engines/models/${pair##*:}.fp16.onnx"; else rm -f "engines/models/${pair##*:}.fp16.onnx"; fi
+  done
   $BIN/python bench/model_card.py runs/lite0-bank build/models/lite0-bank.onnx --name default \
     --title "EfficientNet-Lite0 @ 192 px, feature-bank fine-tuning (the default model)" \
     --out docs/models/efficientnet_lite0.md --notes docs/models/notes/efficientnet_lite0.md \

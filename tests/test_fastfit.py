@@ -68,6 +68,19 @@ def test_bank_path_equals_whole_network(sample_images):
         Cut(model, 7)
 
 
+def test_early_features_run_the_early_stages_frozen_whatever_the_model_mode(sample_images):
+    """create_model returns a model in training mode: the early stages must still use (and keep) the pretrained
+    BatchNorm statistics, so features do not depend on the batch they are computed in."""
+    from dermtrain.models import create_model
+    model = create_model("tf_efficientnet_lite0", init="pypi:efficientnet-lite0").train()
+    x_u8, spec = _images(sample_images, 96)
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    whole = early_features(Cut(model, 4), x_u8, None, spec, batch=len(x_u8), progress=False)
+    pairs = early_features(Cut(model.train(), 4), x_u8, None, spec, batch=2, progress=False)
+    assert np.array_equal(whole, pairs)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in stats.items())
+
+
 def test_views_are_the_same_at_any_resolution(sample_images):
     """Teachers and the student regenerate one view at their own resolutions from the same parameters."""
     params = view_params(len(sample_images), 2, AugmentConfig(rotate_deg=20), seed=3)
@@ -101,6 +114,17 @@ def test_bank_run_trains_caches_and_folds_the_prior(teacher_run, data_dir, cache
     assert abs(m["balanced_accuracy"] - best) < 0.03
     state = torch.load(teacher_run / "best.pt", map_location="cpu", weights_only=False)
     assert "prior_shift" in state and len(state["log_prior"]) == 7
+
+
+def test_a_run_on_a_cached_bank_repeats_the_run_that_built_it(teacher_run, data_dir, split_csv, cache_dir, tmp_path):
+    """The second run loads the bank from the cache (no early stage runs for it): its validation figures, computed
+    with early stages it did not freeze itself, must be those of the first run."""
+    before = {p: p.stat().st_mtime_ns for p in cache_dir.glob("bank-*.npy")}
+    fit(bank_config(), data_dir, split_csv, tmp_path / "again", progress=False)
+    first = json.loads((teacher_run / "history.json").read_text())
+    again = json.loads((tmp_path / "again" / "history.json").read_text())
+    assert {p: p.stat().st_mtime_ns for p in cache_dir.glob("bank-*.npy")} == before
+    assert [h["val_balanced_acc"] for h in again] == pytest.approx([h["val_balanced_acc"] for h in first], abs=1e-6)
 
 
 def test_bank_is_reused_on_resume(teacher_run, data_dir, split_csv, cache_dir):

@@ -136,3 +136,16 @@ def test_auto_falls_back_whatever_tensorrt_raises(tiny_onnx, tmp_path, monkeypat
     assert "\n" not in choice.reason
     with pytest.raises(BundleError, match=type(error).__name__):
         open_engine(tiny_onnx, "tensorrt")
+
+
+def test_derive_gates_files_from_an_onnx_without_its_checkpoint(tiny_run, tiny_onnx, data_dir, tmp_path):
+    from dermconvert.cli import main
+
+    model = tmp_path / "m.onnx"
+    shutil.copy(tiny_onnx, model)
+    rc = main(["derive", str(model), "--fp16", "--data", str(data_dir), "--split", str(tiny_run / "split.csv"),
+               "--limit", "120"])
+    report = json.loads(model.with_name("m.parity.json").read_text())
+    assert rc == 0 and report["passed"] and [c["candidate"] for c in report["candidates"]] == ["FP16 ONNX (ONNX Runtime CPU)"]
+    assert OrtEngine(model.with_name("m.fp16.onnx")).bundle.precision == "fp16"
+    assert main(["derive", str(model), "--data", str(data_dir), "--split", str(tiny_run / "split.csv")]) == 2

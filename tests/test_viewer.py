@@ -158,12 +158,13 @@ def test_scripted_run_prints_json_and_saves_screenshot(tiny_onnx, sample_images,
     video = make_video(tmp_path / "v.avi", sample_images[:3], 20)
     shot = tmp_path / "shot.png"
     r = subprocess.run([sys.executable, "-m", "dermviewer.app", "--source", str(video), "--model", str(tiny_onnx),
-                        "--frames", "40", "--screenshot", str(shot), "--snapshots", str(tmp_path / "s")],
+                        "--precision", "fp16", "--frames", "40", "--screenshot", str(shot), "--snapshots", str(tmp_path / "s")],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("display_fps", "inference_fps", "latency_p50_ms", "latency_p95_ms", "frames", "label"):
         assert key in out
+    assert out["precision"] == "fp16"  # the gated model.fp16.onnx beside the model
     assert out["frames"] >= 40 and out["label"] in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
     assert out["display_fps"] > 5 and out["latency_p95_ms"] < 1000
     assert shot.stat().st_size > 10_000

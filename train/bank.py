@@ -61,7 +61,10 @@ def default_cache_dir() -> Path:
 def early_features(cut: Cut, images_u8: np.ndarray, params: AugmentParams | None, spec: PreprocessSpec,
                    batch: int = 64, desc: str = "", progress: bool = True, bf16: bool = False) -> np.ndarray:
     """float16 early-stage outputs of N images (one view each; params None: the image itself). float32 unless
-    bf16: validation features always run in float32, as the whole network does at inference."""
+    bf16: validation features always run in float32, as the whole network does at inference. The early stages
+    are frozen first, whatever mode the model is in: in training mode BatchNorm would use each batch's statistics
+    and overwrite the pretrained running ones."""
+    cut.freeze_early()
     out = None
     device = next(cut.model.parameters()).device
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -98,7 +101,6 @@ def build_bank(cut: Cut, images_u8: np.ndarray, params: AugmentParams, spec: Pre
         bank = np.load(path)
         if bank.shape[:2] == (params.angle.shape[0], len(images_u8)):
             return bank
-    cut.freeze_early()
     k = params.angle.shape[0]
     bank = None
     for v in range(k):

@@ -1,0 +1,70 @@
+"""The teachers' ensemble, scored from the logits `dermtrain eval` saved: each run's log-probabilities at its own
+temperature, averaged; the ensemble's temperature and melanoma threshold (>= 90% sensitivity) fitted on validation.
+
+    python bench/ensemble.py runs/lite0-bank runs/lite1-bank [--tta flip] [--out docs/models/experiments/ensemble.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dermtrain.metrics import fit_temperature, softmax, summarize, threshold_for_sensitivity
+from engines.labels import CLASS_CODES, MEL_INDEX
+
+
+def load(run: Path, tta: str) -> tuple[dict, float]:
+    tag = "" if tta == "none" else f"_{tta}"
+    d = np.load(run / f"logits_test{tag}.npz")
+    return d, float(json.loads((run / "calibration.json").read_text())["temperature"])
+
+
+def log_probs(logits: np.ndarray, temperature: float) -> np.ndarray:
+    return np.log(np.clip(softmax(logits, temperature), 1e-12, None))
+
+
+def row(name: str, s: dict) -> str:
+    rec = " / ".join(f"{100 * s['per_class'][c]:.1f}" for c in CLASS_CODES)
+    t = s["melanoma"]["threshold"]
+    return (f"| {name} | {100 * s['accuracy']:.1f}% | {100 * s['balanced_accuracy']:.1f}% | {rec} | "
+            f"{100 * t['recall']:.1f}% / {100 * t['specificity']:.1f}% |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--tta", default="none", choices=("none", "flip"))
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args(argv)
+    loaded = [load(r, a.tta) for r in a.runs]
+    labels, val_labels = loaded[0][0]["labels"], loaded[0][0]["val_labels"]
+    for r, (d, _) in zip(a.runs, loaded):
+        if not (np.array_equal(d["labels"], labels) and np.array_equal(d["val_labels"], val_labels)):
+            print(f"ensemble: error: {r} was evaluated on other images (split or limit differ)", file=sys.stderr)
+            return 2
+    lines = ["| model | accuracy | balanced acc | recall akiec / bcc / bkl / df / mel / nv / vasc | "
+             "melanoma recall / specificity at the threshold |", "|---|---|---|---|---|"]
+    members = [(r.name, d["val_logits"], d["logits"], t) for r, (d, t) in zip(a.runs, loaded)]
+    ens_val = np.mean([log_probs(v, t) for _, v, _, t in members], axis=0)
+    ens_test = np.mean([log_probs(x, t) for _, _, x, t in members], axis=0)
+    members.append(("ensemble of " + " + ".join(r.name for r in a.runs), ens_val, ens_test, None))
+    for name, val, test, t in members:
+        temperature = fit_temperature(val, val_labels) if t is None else t
+        thr = threshold_for_sensitivity(softmax(val, temperature)[:, MEL_INDEX], val_labels == MEL_INDEX, 0.90)
+        sv, st = summarize(val, val_labels, temperature, thr), summarize(test, labels, temperature, thr)
+        lines.append(row(f"{name}: validation", sv))
+        lines.append(row(f"{name}: **test**", st))
+    text = (f"Test-time views: {a.tta}. Thresholds for >= 90% melanoma sensitivity and temperatures chosen on "
+            f"validation.\n\n" + "\n".join(lines) + "\n")
+    print(text)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

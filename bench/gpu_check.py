@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from engines.bench import images_per_second
+from engines.errors import one_line
 from engines.imageio import load_rgb
 from engines.onnx_backend import OrtEngine, available_providers
 from engines.preprocess import preprocess_batch
@@ -21,14 +22,8 @@ from engines.scan.discover import find_images
 from engines.select import PRECISIONS, shipped_models, with_precision
 
 
-def throughput(engine, x: np.ndarray, batch: int, seconds: float = 3.0) -> float:
-    xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
-    engine.run(xb)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        engine.run(xb)
-        n += batch
-    return n / (time.perf_counter() - t0)
+def throughput(engine, x: np.ndarray, batch: int) -> float:
+    return images_per_second(engine, np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:]))))
 
 
 def candidates(path: Path):
@@ -70,7 +65,7 @@ def main(argv=None) -> int:
                                images_per_s_b32=round(throughput(eng, x, 32), 1))
                     row["images_per_s_b1"] = round(throughput(make(1), x, 1), 1)
                 except Exception as e:  # noqa: BLE001 - one failing backend must not hide the others
-                    row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+                    row["error"] = one_line(e)
                 rows.append(row)
                 print(json.dumps(row))
     print("\n| model | precision | backend | top-1 agreement vs CPU FP32 | max prob diff | images/s b1 | images/s b32 |")

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from engines.bundle import ModelBundle
+from engines.errors import one_line
 from engines.fsutil import atomic_path
 
 CORRECTION_IMAGES = 64  # of the calibration images: enough for per-channel means, and 50 passes stay short
@@ -37,20 +38,14 @@ def fold_dynamic_pads(model, size: int):
     """TF-"same" padding computes its pads from the input shape at run time (Shape -> float arithmetic -> Pad).
     For the bundle's fixed input size they are constants; folding them keeps the quantizer off that arithmetic
     and gives every runtime a plain graph. Only pads that are the same for batch 1 and 2 are folded."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     g = model.graph
     inits = {t.name for t in g.initializer}
     pads = sorted({n.input[1] for n in g.node if n.op_type == "Pad" and len(n.input) > 1 and n.input[1]} - inits)
     if not pads:
         return model
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    for p in pads:
-        probe.graph.output.append(helper.make_tensor_value_info(p, onnx.TensorProto.INT64, None))
-    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = _session(model, pads, TensorProto.INT64)
     one, two = (sess.run(pads, {g.input[0].name: np.zeros((b, 3, size, size), np.float32)}) for b in (1, 2))
     for name, a, b in zip(pads, one, two):
         if not np.array_equal(a, b):
@@ -95,8 +90,9 @@ class _Reader:
         self.i = 0
 
 
-def _session(model, outputs: list[str]):
-    """An unoptimised session of `model` that can return `outputs` (ONNX Runtime runs only what a call needs)."""
+def _session(model, outputs: list[str], elem_type: int = 1):
+    """An unoptimised session of `model` that can return the intermediate tensors `outputs` (of ONNX element type
+    `elem_type`, float by default); ONNX Runtime runs only what a call needs."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
@@ -104,8 +100,7 @@ def _session(model, outputs: list[str]):
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     have = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                              for n in outputs if n not in have)
+    probe.graph.output.extend(helper.make_tensor_value_info(n, elem_type, None) for n in outputs if n not in have)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -209,7 +204,7 @@ def quantize_int8(src: Path, dst: Path, calib: np.ndarray, bundle: ModelBundle, 
     try:
         fmodel, qmodel = _quantize(src, calib, bundle.preprocess.size, signed)
     except Exception as e:  # noqa: BLE001 - the quantizer raises many types on a graph it cannot handle
-        raise ConvertError(f"{src}: INT8 quantization failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+        raise ConvertError(f"{src}: INT8 quantization failed ({one_line(e)})") from None
     corrected = correct_biases(qmodel, fmodel, calib[:CORRECTION_IMAGES], log)
     out_bundle = ModelBundle(**{**bundle.__dict__, "precision": "int8"})
     set_metadata(qmodel, out_bundle)

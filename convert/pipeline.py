@@ -14,6 +14,7 @@ from dermconvert.int8 import quantize_int8
 from dermtrain.cache import build_cache
 from dermtrain.data import load_records
 from dermtrain.splits import read_manifest, select
+from engines.bench import images_per_second
 from engines.preprocess import PreprocessSpec, normalize
 
 
@@ -45,18 +46,6 @@ def calibration_batch(data_dir: Path, split_csv: Path, spec: PreprocessSpec, n: 
     recs = select(read_manifest(split_csv), load_records(data_dir), "train", n, seed=0)
     x, _ = build_cache(recs, spec, "caching calibration", progress)
     return normalize(x, spec)
-
-
-def images_per_second(engine, batch: np.ndarray, seconds: float = 3.0) -> float:
-    """Throughput of `engine.run` on `batch` (one warm-up call, then repeated for `seconds`)."""
-    import time
-
-    engine.run(batch)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        engine.run(batch)
-        n += len(batch)
-    return n / (time.perf_counter() - t0)
 
 
 def resolve_checkpoint(src: Path) -> tuple[Path, Path]:
@@ -113,17 +102,9 @@ def convert(src: Path, out: Path, fp16: bool = False, engine: Path | None = None
 
     if fp16 or int8 or engine is not None:
         ref = OrtEngine(out, "cpu")
-        if fp16:
-            res.fp16_onnx = _gated(ref, sibling(out, ".fp16.onnx"), lambda dst: convert_fp16(out, dst, bundle),
-                                   batch, labels, "FP16 ONNX (ONNX Runtime CPU)", res, log)
-        if int8:
-            if labels is None:
-                raise ConvertError("--int8 needs --data: it calibrates on training images and is gated on validation images")
-            calib = calibration_batch(data, split, spec, calib_images)
-            extra["int8_calibration"] = f"{len(calib)} training images of {split}"
-            res.int8_onnx = _gated(ref, sibling(out, ".int8.onnx"),
-                                   lambda dst: quantize_int8(out, dst, calib, bundle, log, int8_signed),
-                                   batch, labels, "INT8 ONNX (ONNX Runtime CPU)", res, log, speed=True)
+        if int8 and labels is None:
+            raise ConvertError("--int8 needs --data: it calibrates on training images and is gated on validation images")
+        _reduced_precisions(ref, res, extra, data, split, batch, labels, fp16, int8, calib_images, int8_signed, log)
         res.engine = _maybe_engine(res, engine, engine_precision, ref, batch, labels, max_batch, log)
         if labels is not None:
             res.parity_report = sibling(out, ".parity.json")
@@ -131,6 +112,22 @@ def convert(src: Path, out: Path, fp16: bool = False, engine: Path | None = None
     for n in res.notes:
         log(n)
     return res
+
+
+def _reduced_precisions(ref, res: ConvertResult, extra: dict, data: Path | None, split: Path, batch, labels,
+                        fp16: bool, int8: bool, calib_images: int, int8_signed: bool, log) -> None:
+    """The FP16 and INT8 files of the FP32 bundle `ref` was loaded from (res.onnx), each kept only if it passes its
+    gate: what `dermconvert RUN` and `dermconvert derive` share."""
+    src, bundle = res.onnx, ref.bundle
+    if fp16:
+        res.fp16_onnx = _gated(ref, sibling(src, ".fp16.onnx"), lambda dst: convert_fp16(src, dst, bundle),
+                               batch, labels, "FP16 ONNX (ONNX Runtime CPU)", res, log)
+    if int8:
+        calib = calibration_batch(data, split, bundle.preprocess, calib_images)
+        extra["int8_calibration"] = f"{len(calib)} training images of {split}"
+        res.int8_onnx = _gated(ref, sibling(src, ".int8.onnx"),
+                               lambda dst: quantize_int8(src, dst, calib, bundle, log, int8_signed),
+                               batch, labels, "INT8 ONNX (ONNX Runtime CPU)", res, log, speed=True)
 
 
 def _gated(ref, dst: Path, make, batch, labels, name: str, res: ConvertResult, log, speed: bool = False) -> Path | None:
@@ -206,19 +203,10 @@ def derive(fp32_onnx: Path, data: Path, split: Path, fp16: bool, int8: bool, lim
     from engines.onnx_backend import OrtEngine
 
     ref = OrtEngine(fp32_onnx, "cpu")
-    bundle, spec = ref.bundle, ref.bundle.preprocess
-    batch, labels = validation_batch(data, split, spec, limit)
+    batch, labels = validation_batch(data, split, ref.bundle.preprocess, limit)
     res = ConvertResult(onnx=fp32_onnx)
     extra: dict = {"reference": str(fp32_onnx), "images": f"{len(labels)} validation images of {split}"}
-    if fp16:
-        res.fp16_onnx = _gated(ref, sibling(fp32_onnx, ".fp16.onnx"), lambda dst: convert_fp16(fp32_onnx, dst, bundle),
-                               batch, labels, "FP16 ONNX (ONNX Runtime CPU)", res, log)
-    if int8:
-        calib = calibration_batch(data, split, spec, calib_images)
-        extra["int8_calibration"] = f"{len(calib)} training images of {split}"
-        res.int8_onnx = _gated(ref, sibling(fp32_onnx, ".int8.onnx"),
-                               lambda dst: quantize_int8(fp32_onnx, dst, calib, bundle, log, int8_signed),
-                               batch, labels, "INT8 ONNX (ONNX Runtime CPU)", res, log, speed=True)
+    _reduced_precisions(ref, res, extra, data, split, batch, labels, fp16, int8, calib_images, int8_signed, log)
     res.parity_report = sibling(fp32_onnx, ".parity.json")
     write_report(res.gates, res.parity_report, extra)
     return res

@@ -13,6 +13,16 @@ from pathlib import Path
 import numpy as np
 
 
+def images_per_second(engine, batch: np.ndarray, seconds: float = 3.0) -> float:
+    """Throughput of `engine.run` on one preprocessed batch, repeated for `seconds` after a warm-up call."""
+    engine.run(batch)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        engine.run(batch)
+        n += len(batch)
+    return n / (time.perf_counter() - t0)
+
+
 def pure_inference(engine, batch: np.ndarray, bs: int) -> float:
     engine.infer(batch[:bs])  # warm-up: ORT allocates and plans on the first run
     t0 = time.perf_counter()

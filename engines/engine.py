@@ -56,13 +56,13 @@ class Engine(ABC):
         """Run one blank image: a graph whose logits are not N x classes, or not finite, is refused at load,
         before any result file is touched."""
         from engines.bundle import BundleError
+        from engines.errors import one_line
 
         s = self.bundle.preprocess.size
         try:
             logits, cam = self.run(np.zeros((1, 3, s, s), np.float32))
         except Exception as e:  # noqa: BLE001 - any runtime failure on a valid input means an unusable model
-            raise BundleError(f"{where}: the model fails on a {s}x{s} input ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:160]})") from None
+            raise BundleError(f"{where}: the model fails on a {s}x{s} input ({one_line(e, 160)})") from None
         k = len(self.bundle.classes)
         if logits.shape != (1, k):
             raise BundleError(f"{where}: the model outputs logits of shape {tuple(logits.shape)}, expected (N, {k})")

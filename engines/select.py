@@ -8,6 +8,7 @@ from pathlib import Path
 
 from engines.bundle import BundleError
 from engines.engine import Engine
+from engines.errors import one_line
 
 MODELS_DIR = Path(__file__).parent / "models"
 BACKENDS = ("auto", "tensorrt", "cuda", "cpu", "ort-trt")
@@ -101,7 +102,7 @@ def _open(path: Path, backend: str, threads: int, max_batch: int) -> Choice:
         except TensorRTError as e:
             raise BundleError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - whatever a broken TensorRT install raises: one line
-            raise BundleError(f"{path}: TensorRT failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+            raise BundleError(f"{path}: TensorRT failed ({one_line(e)})") from None
     if backend in ("cpu", "cuda", "ort-trt"):
         return Choice(OrtEngine(path, backend, threads, max_batch), f"{backend} requested")
 
@@ -130,5 +131,5 @@ def _cached_tensorrt(path: Path, max_batch: int, reasons: list[str]) -> Engine |
             return None
         return TrtEngine(path, cached, rebuild=False, max_batch=max_batch)
     except Exception as e:  # noqa: BLE001 - TensorRTError, and anything else a broken install raises
-        reasons.append(f"TensorRT not used ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+        reasons.append(f"TensorRT not used ({one_line(e)})")
         return None

@@ -25,6 +25,7 @@ import numpy as np
 
 from engines.bundle import BundleError, ModelBundle, from_metadata
 from engines.engine import Engine
+from engines.errors import one_line
 from engines.fsutil import atomic_path, sha256_file, write_json
 
 SUPPORTED_MAJORS = (10, 11)
@@ -36,11 +37,6 @@ def _log(msg: str) -> None:
 
 class TensorRTError(Exception):
     """TensorRT cannot build or run this engine here; str() is one line."""
-
-
-def one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:240]}" if text else type(e).__name__
 
 
 def _import_trt():

@@ -49,13 +49,15 @@ def _images(sample_images, size):
     return np.stack([resize_for_model(load_rgb(p), spec) for p in sample_images]), spec
 
 
-def test_bank_path_equals_whole_network(sample_images):
-    """An un-augmented view through the bank (float16 storage) and the late stages gives the whole network's logits."""
+@pytest.mark.parametrize("at", [3, 4])
+def test_bank_path_equals_whole_network(sample_images, at):
+    """An un-augmented view through the bank (float16 storage) and the late stages gives the whole network's logits,
+    wherever the network is cut."""
     from dermtrain.models import create_model
     model = create_model("tf_efficientnet_lite0", init="pypi:efficientnet-lite0").eval()
     x_u8, spec = _images(sample_images, 96)
     params = view_params(len(x_u8), 3, AugmentConfig(), seed=0)
-    cut = Cut(model, 4)
+    cut = Cut(model, at)
     with torch.no_grad():
         whole = model(make_views(x_u8, params.take(0), spec)).numpy()
         plain = early_features(cut, x_u8, None, spec, progress=False)
@@ -149,9 +151,34 @@ def test_distilled_student(teacher_run, data_dir, split_csv, tmp_path, cache_dir
         fit(bad, data_dir, split_csv, tmp_path / "bad", progress=False)
 
 
+def test_bank_student_learns_from_the_teachers_on_its_own_bank(teacher_run, data_dir, split_csv, tmp_path, cache_dir):
+    """A bank-trained student (the deployable architecture) distilled from a teacher: the same views, so the
+    teacher's bank serves both, and the student's loss includes the soft targets."""
+    banks = sorted(cache_dir.glob("bank-*.npy"))
+    out = tmp_path / "student"
+    fit(bank_config(teachers=(str(teacher_run),)), data_dir, split_csv, out, progress=False)
+    assert sorted(cache_dir.glob("bank-*.npy")) == banks  # no new bank: the teacher's is the student's
+    logp = np.load(out / "teacher_logp.npz")["logp"]
+    n_train = json.loads((out / "run.json").read_text())["n_train"]
+    assert logp.shape == (BANK["views"], n_train, 7) and np.isfinite(logp).all()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["recipe"]["distill"]["teachers"] == [str(teacher_run)]
+    hist = json.loads((out / "history.json").read_text())
+    assert len(hist) == BANK["epochs"] and all(np.isfinite(h["train_loss"]) for h in hist)
+
+
 def test_recipe_overrides_need_a_recipe():
     with pytest.raises(ConfigError, match="recipe"):
         with_overrides(tiny_config(), epochs=3)
+    with pytest.raises(ConfigError, match="recipe"):
+        with_overrides(tiny_config(), freeze_at=3)
+
+
+def test_freeze_at_override_moves_the_cut():
+    cfg = bank_config(freeze_at=3)
+    assert cfg.recipe.freeze_at == 3 and cfg.recipe.views == BANK["views"]
+    with pytest.raises(ConfigError, match="freeze_at"):
+        bank_config(freeze_at=-1)
 
 
 def test_flip_threshold_is_stored_and_used(tiny_run, data_dir, tmp_path, sample_images):

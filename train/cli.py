@@ -48,6 +48,7 @@ def cmd_fit(a) -> int:
                          epochs_head=a.epochs_head, epochs_tune=a.epochs_tune, init=a.init,
                          pretrained=True if a.pretrained else None, seed=a.seed, batch_size=a.batch_size,
                          threads=a.threads, sampling=a.sampling, epochs=a.epochs, views=a.views,
+                         freeze_at=a.freeze_at,
                          teachers=tuple(a.teachers) if a.teachers else None)
     res = fit(cfg, resolve_data_dir(a.data), Path(a.split), Path(a.out), resume=a.resume, progress=not a.quiet,
               device=a.device)
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", choices=("uniform", "balanced", "sqrt"))
     p.add_argument("--epochs", type=int, help="fast path (configs with a recipe): epochs over the views")
     p.add_argument("--views", type=int, help="fast path: augmented views per training image")
+    p.add_argument("--freeze-at", type=int, help="fast path: stages frozen into the bank (0: train end to end)")
     p.add_argument("--teachers", nargs="+", help="fast path: teacher run folders to distil from")
     p.add_argument("--device", default="auto", help="fast path: auto (CUDA when torch sees one), cpu, cuda, cuda:N")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

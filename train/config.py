@@ -170,10 +170,11 @@ def with_overrides(cfg: TrainConfig, **kw) -> TrainConfig:
         kw["phase1"] = replace(cfg.phase1, epochs=kw.pop("epochs_head"))
     if "epochs_tune" in kw:
         kw["phase2"] = replace(cfg.phase2, epochs=kw.pop("epochs_tune"))
-    recipe_kw = {k: kw.pop(k) for k in ("epochs", "views", "teachers") if k in kw}
+    recipe_kw = {k: kw.pop(k) for k in ("epochs", "views", "freeze_at", "teachers") if k in kw}
     if recipe_kw:
         if cfg.recipe is None:
-            raise ConfigError(f"--{', --'.join(recipe_kw)} need a config with a recipe (e.g. lite0-bank)")
+            flags = ", ".join("--" + k.replace("_", "-") for k in recipe_kw)
+            raise ConfigError(f"{flags} need a config with a recipe (e.g. lite0-bank)")
         teachers = recipe_kw.pop("teachers", None)
         r = replace(cfg.recipe, **recipe_kw)
         if teachers is not None:

@@ -7,8 +7,11 @@
 # the bundles into engines/models, and regenerates the cards and the comparison table.
 # The distilled ConvNeXt (`--config convnext-distill --teachers runs/lite0-bank`) is not shipped: stopped at 16 of
 # 25 epochs it reached 45.8% validation balanced accuracy against 52.9% for the from-scratch one.
-# Teachers (not shipped): `fit lite1-bank lite1-bank --epochs 8` (27.5 min from its bank, validation 68.4%), then
-# `python bench/ensemble.py runs/lite0-bank runs/lite1-bank` (validation 71.2%; docs/models/experiments/teachers.md).
+# Teachers (not shipped): `fit lite1-bank lite1-bank --epochs 8` (28 min from its bank, validation 68.4% and, on a
+# second machine, 69.9%), then `python bench/ensemble.py runs/lite0-bank runs/lite1-bank` (validation 71.2%;
+# docs/models/experiments/teachers.md). Experiments (docs/ablation.md): `fit lite0-f3 lite0-bank --freeze-at 3`
+# (block 3 trained too: 68.3%, no gain), and a Lite0 student distilled from lite0-f3 + lite1-bank:
+# `fit lite0-f3-kd lite0-bank --freeze-at 3 --epochs 10 --teachers runs/lite0-f3 runs/lite1-bank`.
 # The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
 # (INT8 fails its gate for both: docs/int8.md).
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]

@@ -181,6 +181,14 @@ def test_freeze_at_override_moves_the_cut():
         bank_config(freeze_at=-1)
 
 
+def test_a_cut_past_the_last_stage_is_one_line(data_dir, split_csv, tmp_path, capsys):
+    from dermtrain.cli import main
+    rc = main(["fit", "--config", "lite0-bank", "--freeze-at", "9", "--limit", "20", "--img-size", "64",
+               "--data", str(data_dir), "--split", str(split_csv), "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "after stage 9" in err and "Traceback" not in err
+
+
 def test_flip_threshold_is_stored_and_used(tiny_run, data_dir, tmp_path, sample_images):
     from dermconvert.pipeline import convert
     from dermtrain.evaluate import evaluate

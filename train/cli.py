@@ -167,11 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     from dermtrain.evaluate import EvalError
     from dermtrain.fit import ResumeError
     from dermtrain.models import InitError
+    from dermtrain.stages import CutError
 
     a = build_parser().parse_args(argv)
     try:
         return a.func(a)
-    except (DataError, ConfigError, ResumeError, InitError, EvalError) as e:
+    except (DataError, ConfigError, ResumeError, InitError, EvalError, CutError) as e:
         print(f"dermtrain {a.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -174,7 +174,7 @@ def with_overrides(cfg: TrainConfig, **kw) -> TrainConfig:
     if recipe_kw:
         if cfg.recipe is None:
             flags = ", ".join("--" + k.replace("_", "-") for k in recipe_kw)
-            raise ConfigError(f"{flags} need a config with a recipe (e.g. lite0-bank)")
+            raise ConfigError(f"{flags}: only for a config with a recipe (e.g. lite0-bank)")
         teachers = recipe_kw.pop("teachers", None)
         r = replace(cfg.recipe, **recipe_kw)
         if teachers is not None:

@@ -126,13 +126,17 @@ def set_metadata(proto, bundle: ModelBundle) -> None:
     proto.producer_name = "dermedge"
 
 
-def torch_parity(model: nn.Module, onnx_path: Path, batch: np.ndarray) -> Parity:
-    """The ONNX file on ONNX Runtime (CPU, fp32) against the PyTorch model, on the same preprocessed images."""
+def torch_parity(model: nn.Module, onnx_path: Path, batch: np.ndarray, chunk: int = 64) -> Parity:
+    """The ONNX file on ONNX Runtime (CPU, fp32) against the PyTorch model, on the same preprocessed images, both in
+    chunks: the whole validation split in one PyTorch forward needs tens of GB at 240 px."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    model = model.eval().float()
     with torch.no_grad():
-        ref = model.eval().float()(torch.from_numpy(batch)).numpy()
-    got = np.concatenate([sess.run(["logits"], {"input": batch[i:i + 64]})[0] for i in range(0, len(batch), 64)])
+        ref = np.concatenate([model(torch.from_numpy(batch[i:i + chunk])).numpy()
+                              for i in range(0, len(batch), chunk)])
+    got = np.concatenate([sess.run(["logits"], {"input": batch[i:i + chunk]})[0]
+                          for i in range(0, len(batch), chunk)])
     return Parity(n=len(batch), max_abs_logit_diff=float(np.abs(ref - got).max()),
                   top1_agreement=float((ref.argmax(1) == got.argmax(1)).mean()))

@@ -1,14 +1,15 @@
 """The fast path: feature bank, recipe training, distillation and per-view thresholds, trained tiny on real images."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import tiny_config
-from dermtrain.augment import AugmentConfig, apply_params, draw_params, to_float_nchw
+from dermtrain.augment import AugmentConfig, apply_params, draw_params, random_dihedral, to_float_nchw
 from dermtrain.bank import early_features, make_views, view_params
-from dermtrain.config import ConfigError, load_config, with_overrides
+from dermtrain.config import ConfigError, load_config, validate, with_overrides
 from dermtrain.fit import fit
 from dermtrain.stages import Cut, CutError
 
@@ -19,6 +20,12 @@ BANK = dict(img_size=64, limit=120, batch_size=32, threads=1, seed=0, epochs=2, 
 
 def bank_config(**kw):
     return with_overrides(load_config("lite0-bank"), **{**BANK, **kw})
+
+
+def replace_recipe(cfg, **kw):
+    cfg = replace(cfg, recipe=replace(cfg.recipe, **kw))
+    validate(cfg)
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +142,28 @@ def test_bank_is_reused_on_resume(teacher_run, data_dir, split_csv, cache_dir):
     assert res["history"] and {p: p.stat().st_mtime_ns for p in cache_dir.glob("bank-*.npy")} == before
 
 
+def test_random_dihedral_gives_each_image_one_of_the_eight_symmetries(sample_images):
+    x_u8, _ = _images(sample_images[:1], 32)
+    one = to_float_nchw(torch.from_numpy(x_u8))
+    symmetries = [t(f(one)) for f in (lambda a: a, lambda a: a.flip(3), lambda a: a.flip(2), lambda a: a.flip((2, 3)))
+                  for t in (lambda a: a, lambda a: a.transpose(2, 3))]
+    torch.manual_seed(0)
+    out = random_dihedral(one.repeat(64, 1, 1, 1))
+    which = [next(k for k, s in enumerate(symmetries) if torch.equal(o[None], s)) for o in out]  # StopIteration: none
+    assert len(set(which)) == 8
+    wide = to_float_nchw(torch.from_numpy(np.ascontiguousarray(x_u8[:, :, :24])))  # not square: flips only
+    assert random_dihedral(wide.repeat(8, 1, 1, 1)).shape == (8, 3, 32, 24)
+
+
+def test_dihedral_is_refused_for_a_bank():
+    with pytest.raises(ConfigError, match="dihedral"):
+        replace_recipe(load_config("lite0-bank"), dihedral=True)
+
+
 def test_distilled_student(teacher_run, data_dir, split_csv, tmp_path, cache_dir):
     cfg = with_overrides(load_config("convnext-distill"), model="test_convnext", teachers=(str(teacher_run),),
                          **{**BANK, "img_size": 48})
+    cfg = replace_recipe(cfg, dihedral=True)
     out = tmp_path / "student"
     fit(cfg, data_dir, split_csv, out, progress=False)
     cached = np.load(out / "teacher_logp.npz")
@@ -165,6 +191,8 @@ def test_bank_student_learns_from_the_teachers_on_its_own_bank(teacher_run, data
     assert cfg["recipe"]["distill"]["teachers"] == [str(teacher_run)]
     hist = json.loads((out / "history.json").read_text())
     assert len(hist) == BANK["epochs"] and all(np.isfinite(h["train_loss"]) for h in hist)
+    # the teachers' targets carry their prior shift: a student may choose to take some back
+    assert all(h["prior_shift"] in (-0.25, -0.125) + load_config("lite0-bank").recipe.prior_grid for h in hist)
 
 
 def test_recipe_overrides_need_a_recipe():

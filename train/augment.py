@@ -100,6 +100,20 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Te
     return apply_params(x, draw_params(x.shape[0], cfg, g))
 
 
+def random_dihedral(x: torch.Tensor) -> torch.Tensor:
+    """Each image of an N x C x H x W batch through one of the 8 symmetries of the square, drawn from torch's
+    global generator (a horizontal flip, a vertical flip and, when H == W, a transpose, each with probability 1/2).
+    A dermoscopy image has no up, down or handedness, so a teacher's target for a view holds for its mirror images
+    too: a student trained on K fixed views sees up to 8K distinct inputs per image."""
+    n = x.shape[0]
+    bits = torch.randint(0, 2, (3, n)).bool().view(3, n, 1, 1, 1)
+    x = torch.where(bits[0], x.flip(3), x)
+    x = torch.where(bits[1], x.flip(2), x)
+    if x.shape[2] == x.shape[3]:
+        x = torch.where(bits[2], x.transpose(2, 3), x)
+    return x
+
+
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)

@@ -48,6 +48,7 @@ class Recipe:
     freeze_at: int = 4
     bank_bf16: bool = True  # build the bank under bfloat16 autocast (validation features stay float32)
     prior_grid: tuple[float, ...] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
+    dihedral: bool = False  # freeze_at 0 only: each step also flips / transposes its views at random
     distill: DistillConfig | None = None
 
 
@@ -130,6 +131,8 @@ def validate_recipe(r: Recipe) -> None:
         raise ConfigError(f"recipe.loss must be logit_adjusted, ce or focal, not {r.loss!r}")
     if r.epochs < 1 or r.views < 1 or r.freeze_at < 0 or not 0 <= r.ema < 1 or not 0 <= r.warmup < 1:
         raise ConfigError("recipe needs epochs >= 1, views >= 1, freeze_at >= 0, 0 <= ema < 1, 0 <= warmup < 1")
+    if r.dihedral and r.freeze_at:
+        raise ConfigError("recipe.dihedral is for end-to-end students (freeze_at 0): a bank holds fixed views")
     if r.distill is not None and not r.distill.teachers:
         raise ConfigError("recipe.distill needs at least one teacher run folder")
 

@@ -3,7 +3,8 @@
 - freeze_at > 0 (teachers): the frozen early stages ran once per view into the bank (`dermtrain.bank`); each step
   runs only the late stages and the head.
 - freeze_at = 0 (students): the whole network trains on the same views, and with `distill` learns the teachers'
-  soft targets for each view (`dermtrain.distill`) beside the labels.
+  soft targets for each view (`dermtrain.distill`) beside the labels; with `dihedral` each step also mirrors or
+  transposes its views at random, against the same targets.
 Both use a one-cycle or cosine schedule with warm-up, an EMA of the weights (BatchNorm buffers included), label
 smoothing and a class-balanced loss. `best.pt` holds the EMA weights with `prior_shift` x log-prior folded into
 the classifier bias, the shift chosen on validation: the ONNX export and every runtime then run those logits.
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dermtrain.augment import AugmentParams
+from dermtrain.augment import AugmentParams, random_dihedral
 from dermtrain.bank import bank_for, early_features, make_views, view_params
 from dermtrain.cache import build_cache
 from dermtrain.config import Recipe, TrainConfig
@@ -152,7 +153,8 @@ def bank_inputs(model: nn.Module, cfg: TrainConfig, spec, train_x, val_x, params
 def view_inputs(model: nn.Module, cfg: TrainConfig, spec, train_x, val_x, params: AugmentParams,
                 device: torch.device) -> Inputs:
     def batch(idx, v):
-        return _dev(make_views(train_x[idx], params.take((torch.from_numpy(v), torch.from_numpy(idx))), spec), device)
+        x = make_views(train_x[idx], params.take((torch.from_numpy(v), torch.from_numpy(idx))), spec)
+        return _dev(random_dihedral(x) if cfg.recipe.dihedral else x, device)
 
     return Inputs(batch=batch, forward=lambda net, x: net(x),
                   val_logits=lambda net: predict_logits(net, val_x, spec, device, cfg.eval_batch_size, None, True),
@@ -218,6 +220,10 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
         if ema is not None:
             ema = Ema(model, r.ema, state["ema"], state["ema_updates"])
         history, best, start = state["history"], state["best_balanced_acc"], state["epoch"]
+    prior_grid = r.prior_grid
+    if r.distill is not None:
+        # The teachers' targets already carry their own prior shift, so a student may need to take some back.
+        prior_grid = tuple(sorted(set(prior_grid) | {-0.25, -0.125}))
     eval_model = copy.deepcopy(model) if ema is not None else model
     bias_key = classifier_bias_key(model)
 
@@ -258,7 +264,7 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
         if ema is not None:
             eval_model.load_state_dict(ema.state)
         logits = inputs.val_logits(eval_model)
-        beta, s = choose_prior_shift(logits, val_y, log_prior_np, r.prior_grid)
+        beta, s = choose_prior_shift(logits, val_y, log_prior_np, prior_grid)
         val_loss = float(F.cross_entropy(torch.from_numpy(logits + beta * log_prior_np), torch.from_numpy(val_y)))
         rec = {"epoch": epoch + 1, "phase": 0, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / seen,
                "train_acc": correct / seen, "images_per_s": seen / seconds, "val_loss": val_loss,

@@ -15,6 +15,7 @@ from dermtrain.cache import build_cache
 from dermtrain.data import load_records
 from dermtrain.splits import read_manifest, select
 from engines.bench import images_per_second
+from engines.fsutil import atomic_path
 from engines.preprocess import PreprocessSpec, normalize
 
 
@@ -78,27 +79,27 @@ def convert(src: Path, out: Path, fp16: bool = False, engine: Path | None = None
         evaluate(run_dir, data, "val", progress=False)
     if not (run_dir / "calibration.json").is_file():
         log("warning: no calibration.json (run `dermtrain eval` first): temperature 1, melanoma threshold 0.5")
-    bundle = export_onnx(model, bundle_for_run(run_dir, state, spec, with_cam, str(ckpt)), out, with_cam)
     res = ConvertResult(onnx=out)
-    extra: dict = {"source": str(ckpt), "model": cfg.model, "input_size": spec.size,
-                   "temperature": bundle.temperature, "mel_threshold": bundle.mel_threshold}
-
     split = split or (run_dir / "split.csv")
     if data is not None:
         batch, labels = validation_batch(data, split, spec, limit)
-        extra["images"] = f"{len(labels)} validation images of {split}"
     else:
         batch, labels = np.random.default_rng(0).normal(size=(8, 3, spec.size, spec.size)).astype(np.float32), None
         res.notes.append("no --data: PyTorch parity checked on 8 random inputs, no accuracy gate")
-    par = torch_parity(model, out, batch)
-    extra["torch_parity"] = {"n": par.n, "max_abs_logit_diff": par.max_abs_logit_diff,
-                             "top1_agreement": par.top1_agreement}
-    log(f"ONNX {out} (opset 17): PyTorch parity on {par.n} images: max |logit diff| {par.max_abs_logit_diff:.2e}, "
-        f"top-1 agreement {par.top1_agreement:.2%}")
-    if not par.ok():
-        out.unlink(missing_ok=True)
-        raise ConvertError(f"{out}: ONNX disagrees with PyTorch (max |logit diff| {par.max_abs_logit_diff:.2e}, "
-                           f"top-1 {par.top1_agreement:.2%}); nothing written")
+    with atomic_path(out) as tmp:  # the ONNX file appears only once it agrees with PyTorch
+        bundle = export_onnx(model, bundle_for_run(run_dir, state, spec, with_cam, str(ckpt)), tmp, with_cam)
+        par = torch_parity(model, tmp, batch)
+        log(f"ONNX {out} (opset 17): PyTorch parity on {par.n} images: max |logit diff| "
+            f"{par.max_abs_logit_diff:.2e}, top-1 agreement {par.top1_agreement:.2%}")
+        if not par.ok():
+            raise ConvertError(f"{out}: ONNX disagrees with PyTorch (max |logit diff| {par.max_abs_logit_diff:.2e}, "
+                               f"top-1 {par.top1_agreement:.2%}); nothing written")
+    extra: dict = {"source": str(ckpt), "model": cfg.model, "input_size": spec.size,
+                   "temperature": bundle.temperature, "mel_threshold": bundle.mel_threshold,
+                   "torch_parity": {"n": par.n, "max_abs_logit_diff": par.max_abs_logit_diff,
+                                    "top1_agreement": par.top1_agreement}}
+    if labels is not None:
+        extra["images"] = f"{len(labels)} validation images of {split}"
 
     if fp16 or int8 or engine is not None:
         ref = OrtEngine(out, "cpu")

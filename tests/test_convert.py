@@ -65,6 +65,20 @@ def test_export_parity_convnext_and_efficientnet_lite(name, size, tmp_path, reco
     assert cam.shape[:2] == (16, 7) and cam.shape[2] >= 3
 
 
+def test_a_conversion_killed_before_its_parity_check_passes_leaves_no_onnx(tiny_run, tmp_path, monkeypatch):
+    """The ONNX file appears only once it agrees with PyTorch: a conversion that dies during the check (an OOM kill
+    did, on a 240 px model) must not leave an unverified file behind."""
+    import dermconvert.pipeline as pipeline
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "torch_parity", killed)
+    out = tmp_path / "out" / "m.onnx"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.convert(tiny_run, out, log=lambda *a: None)
+    assert list(out.parent.iterdir()) == []
+
+
 def test_gate_fails_on_damaged_model(tiny_run, tiny_onnx, data_dir, tmp_path):
     """Scale the weights of the first conv: the 'FP16' candidate is then a broken model and must be refused."""
     proto = onnx.load(str(tiny_onnx))

@@ -3,8 +3,8 @@ bank, one change at a time, then docs/ablation.md. Each run resumes if stopped; 
 
     python bench/ablation.py --data $DERM_DATA [--epochs 15] [--only base,focal,...]   -> docs/ablation_runs.md
 
-The test split is never read. The freeze_* variants move the cut, so each builds (and caches) its own bank first;
-views and resolution also change the bank: not in this table yet.
+The test split is never read. The freeze_* and views_* variants change the bank, so each builds (and caches) its own
+first; resolution also changes the bank: not in this table yet.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ VARIANTS = {
     "lr_3e-3": ("peak learning rate 3e-3", {"lr": 3e-3}),
     "freeze_3": ("blocks 0-2 frozen, block 3 trains too (bank at stride 8: 40 x 24 x 24)", {"freeze_at": 3}),
     "freeze_2": ("blocks 0-1 frozen, blocks 2-3 train too (bank at stride 4: 24 x 48 x 48)", {"freeze_at": 2}),
+    "views_12": ("12 augmented views per training image instead of 6 (a 1.9 GB bank)", {"views": 12}),
 }
 
 

@@ -11,7 +11,10 @@
 # second machine, 69.9%), then `python bench/ensemble.py runs/lite0-bank runs/lite1-bank` (validation 71.2%;
 # docs/models/experiments/teachers.md). Experiments (docs/ablation.md): `fit lite0-f3 lite0-bank --freeze-at 3`
 # (block 3 trained too: 68.3%, no gain), and a Lite0 student distilled from lite0-f3 + lite1-bank:
-# `fit lite0-f3-kd lite0-bank --freeze-at 3 --epochs 10 --teachers runs/lite0-f3 runs/lite1-bank`.
+# `fit lite0-f3-kd lite0-bank --freeze-at 3 --epochs 10 --teachers runs/lite0-f3 runs/lite1-bank`; 12 views per image:
+# `fit lite0-v12 lite0-bank --views 12` (69.9%, gone by epoch 15) and `... --views 12 --epochs 9` (68.2%): not shipped;
+# a second ConvNeXt student from those two teachers:
+# `fit convnext-kd2 docs/models/experiments/convnext_distill_2/config.json` (43.8%, stopped at 15 of 25 epochs).
 # The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
 # (INT8 fails its gate for both: docs/int8.md).
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]

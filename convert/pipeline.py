@@ -131,27 +131,37 @@ def _reduced_precisions(ref, res: ConvertResult, extra: dict, data: Path | None,
                                batch, labels, "INT8 ONNX (ONNX Runtime CPU)", res, log, speed=True)
 
 
+class _GateFailed(Exception):
+    pass
+
+
 def _gated(ref, dst: Path, make, batch, labels, name: str, res: ConvertResult, log, speed: bool = False) -> Path | None:
-    """Write `dst` with make(dst), then gate it against `ref`: it stays only if it passes (or when there are no
-    labels to gate on, which the caller has said in a note)."""
+    """make() the candidate under a temporary name and gate it against `ref`: `dst` appears only if it passes (or
+    when there are no labels to gate on, which the caller has said in a note). A `dst` left by an earlier conversion
+    goes first, so a process that dies mid-gate leaves no ungated file beside the model for `--precision` to run."""
     from engines.onnx_backend import OrtEngine
 
-    make(dst)
-    if labels is None:
+    dst.unlink(missing_ok=True)
+    try:
+        with atomic_path(dst) as tmp:
+            make(tmp)
+            if labels is None:
+                return dst
+            cand = OrtEngine(tmp, "cpu")
+            g = compare(ref, cand, batch, labels, name)
+            if speed:
+                b = batch[:32]
+                ips32, ips = images_per_second(ref, b), images_per_second(cand, b)
+                g.speed = {"fp32 images/s (batch 32)": round(ips32, 1),
+                           f"{cand.bundle.precision} images/s (batch 32)": round(ips, 1),
+                           "speed-up": round(ips / ips32, 2)}
+            res.gates.append(g)
+            log(_gate_line(g))
+            if not g.passed:
+                raise _GateFailed
         return dst
-    cand = OrtEngine(dst, "cpu")
-    g = compare(ref, cand, batch, labels, name)
-    if speed:
-        b = batch[:32]
-        ips32, ips = images_per_second(ref, b), images_per_second(cand, b)
-        g.speed = {"fp32 images/s (batch 32)": round(ips32, 1), f"{cand.bundle.precision} images/s (batch 32)": round(ips, 1),
-                   "speed-up": round(ips / ips32, 2)}
-    res.gates.append(g)
-    log(_gate_line(g))
-    if not g.passed:
-        dst.unlink(missing_ok=True)
+    except _GateFailed:
         return None
-    return dst
 
 
 def _gate_line(g: GateResult) -> str:

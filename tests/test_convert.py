@@ -79,6 +79,22 @@ def test_a_conversion_killed_before_its_parity_check_passes_leaves_no_onnx(tiny_
     assert list(out.parent.iterdir()) == []
 
 
+def test_a_conversion_killed_during_the_fp16_gate_leaves_no_ungated_file(tiny_run, data_dir, tmp_path, monkeypatch):
+    """An FP16 file beside the model is one its gate passed: a conversion that dies while gating leaves none, and a
+    stale one from an earlier conversion of another FP32 file is gone too."""
+    import dermconvert.pipeline as pipeline
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+    out = tmp_path / "m.onnx"
+    stale = tmp_path / "m.fp16.onnx"
+    stale.write_bytes(b"gated against an earlier m.onnx")
+    monkeypatch.setattr(pipeline, "compare", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.convert(tiny_run, out, fp16=True, data=data_dir, limit=40, log=lambda *a: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
 def test_gate_fails_on_damaged_model(tiny_run, tiny_onnx, data_dir, tmp_path):
     """Scale the weights of the first conv: the 'FP16' candidate is then a broken model and must be refused."""
     proto = onnx.load(str(tiny_onnx))

@@ -1,4 +1,4 @@
-"""What the prior shift trades, on validation: a run's shipped logits with a further share of the log-prior added
+"""What the prior shift trades, on validation: the logits of a run's best.pt with a further share of the log-prior added
 (or, negative, taken back), from the validation logits `dermtrain eval RUN` saved. The test split is not read.
 
     python bench/prior_shift.py runs/lite0-f3-kd [--shifts -0.25 -0.125 0 0.125 0.25]

@@ -65,14 +65,16 @@ def test_export_parity_convnext_and_efficientnet_lite(name, size, tmp_path, reco
     assert cam.shape[:2] == (16, 7) and cam.shape[2] >= 3
 
 
+def _killed(*args, **kwargs):
+    """Stands in for a step the process dies in (an OOM kill, Ctrl-C)."""
+    raise KeyboardInterrupt
+
+
 def test_a_conversion_killed_before_its_parity_check_passes_leaves_no_onnx(tiny_run, tmp_path, monkeypatch):
     """The ONNX file appears only once it agrees with PyTorch: a conversion that dies during the check (an OOM kill
     did, on a 240 px model) must not leave an unverified file behind."""
     import dermconvert.pipeline as pipeline
-
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(pipeline, "torch_parity", killed)
+    monkeypatch.setattr(pipeline, "torch_parity", _killed)
     out = tmp_path / "out" / "m.onnx"
     with pytest.raises(KeyboardInterrupt):
         pipeline.convert(tiny_run, out, log=lambda *a: None)
@@ -83,13 +85,10 @@ def test_a_conversion_killed_during_the_fp16_gate_leaves_no_ungated_file(tiny_ru
     """An FP16 file beside the model is one its gate passed: a conversion that dies while gating leaves none, and a
     stale one from an earlier conversion of another FP32 file is gone too."""
     import dermconvert.pipeline as pipeline
-
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
     out = tmp_path / "m.onnx"
     stale = tmp_path / "m.fp16.onnx"
     stale.write_bytes(b"gated against an earlier m.onnx")
-    monkeypatch.setattr(pipeline, "compare", killed)
+    monkeypatch.setattr(pipeline, "compare", _killed)
     with pytest.raises(KeyboardInterrupt):
         pipeline.convert(tiny_run, out, fp16=True, data=data_dir, limit=40, log=lambda *a: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

@@ -195,6 +195,37 @@ def test_bank_student_learns_from_the_teachers_on_its_own_bank(teacher_run, data
     assert all(h["prior_shift"] in (-0.25, -0.125) + load_config("lite0-bank").recipe.prior_grid for h in hist)
 
 
+def test_cross_fitted_teachers_speak_only_for_the_fold_they_did_not_fit(data_dir, split_csv, tmp_path, cache_dir):
+    from dermtrain.data import load_records
+    from dermtrain.distill import teacher_view_logp
+    from dermtrain.folds import fold_of
+    from dermtrain.splits import manifest_sha256, read_manifest, select
+
+    teachers = []
+    for f in (0, 1):
+        out = tmp_path / f"teacher-{f}"
+        fit(bank_config(holdout=(f, 2)), data_dir, split_csv, out, progress=False)
+        teachers.append(out)
+    cfg = bank_config(epochs=1, teachers=tuple(map(str, teachers)))
+    recs = select(read_manifest(split_csv), load_records(data_dir), "train", cfg.limit, cfg.seed)
+    folds = fold_of(recs, 2)
+    for f, t in enumerate(teachers):
+        assert json.loads((t / "run.json").read_text())["n_fitted"] == (folds != f).sum()
+    with pytest.raises(ConfigError, match=f"{(folds == 1).sum()} training images have no teacher"):
+        fit(bank_config(epochs=1, teachers=(str(teachers[0]),)), data_dir, split_csv, tmp_path / "half",
+            progress=False)
+
+    out = tmp_path / "student"
+    fit(cfg, data_dir, split_csv, out, progress=False)
+    logp = np.load(out / "teacher_logp.npz")["logp"]
+    for f, t in enumerate(teachers):
+        own, mask = teacher_view_logp(t, cfg, recs, manifest_sha256(split_csv), None, False)
+        assert (mask == (folds == f)).all()
+        assert np.allclose(np.exp(logp[:, mask]), np.exp(own[:, mask]), atol=1e-5)
+    summary = json.loads((out / "teacher_targets.json").read_text())
+    assert summary["cross_fitted_share"] == 1.0 and summary["images"] == len(recs)
+
+
 def test_recipe_overrides_need_a_recipe():
     with pytest.raises(ConfigError, match="recipe"):
         with_overrides(tiny_config(), epochs=3)

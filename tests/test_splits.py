@@ -1,5 +1,6 @@
 from collections import defaultdict
 
+import numpy as np
 import pytest
 
 from dermtrain.splits import SPLITS, make_split, read_manifest, select, split_counts, write_manifest
@@ -35,3 +36,22 @@ def test_limit_keeps_every_class(records, split_csv):
     rows = read_manifest(split_csv)
     sub = select(rows, records, "val", limit=60, seed=0)
     assert len(sub) <= 60 and {r.dx for r in sub} == set(CLASS_CODES)
+
+
+def test_cross_fitting_folds_keep_lesions_whole(records):
+    from dermtrain.folds import fitted_indices, fold_of, parse_holdout
+    folds = fold_of(records, 3)
+    by_lesion: dict[str, set] = {}
+    for r, f in zip(records, folds):
+        by_lesion.setdefault(r.lesion_id, set()).add(int(f))
+    assert all(len(s) == 1 for s in by_lesion.values())  # a teacher never sees a sibling image of its fold
+    share = np.bincount(folds, minlength=3) / len(records)
+    assert share.min() > 0.28 and share.max() < 0.39
+    assert (fold_of(records[::-1], 3) == folds[::-1]).all()  # a function of the lesion, not of the order
+    kept = fitted_indices(records, (1, 3))
+    assert len(kept) == (folds != 1).sum() and (folds[kept] != 1).all()
+    assert len(fitted_indices(records, None)) == len(records)
+    assert parse_holdout("2/3") == (2, 3)
+    for bad in ("3/3", "x", "1/1", "0/3/4"):
+        with pytest.raises(ValueError, match="FOLD"):
+            parse_holdout(bad)

@@ -12,6 +12,14 @@ def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="HAM10000 folder (metadata CSV + image folders); default $DERM_DATA")
 
 
+def _holdout(text: str) -> tuple[int, int]:
+    from dermtrain.folds import parse_holdout
+    try:
+        return parse_holdout(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_check_data(a) -> int:
     from dermtrain.data import check_data, resolve_data_dir
 
@@ -48,7 +56,7 @@ def cmd_fit(a) -> int:
                          epochs_head=a.epochs_head, epochs_tune=a.epochs_tune, init=a.init,
                          pretrained=True if a.pretrained else None, seed=a.seed, batch_size=a.batch_size,
                          threads=a.threads, sampling=a.sampling, epochs=a.epochs, views=a.views,
-                         freeze_at=a.freeze_at,
+                         freeze_at=a.freeze_at, holdout=a.holdout,
                          teachers=tuple(a.teachers) if a.teachers else None)
     res = fit(cfg, resolve_data_dir(a.data), Path(a.split), Path(a.out), resume=a.resume, progress=not a.quiet,
               device=a.device)
@@ -133,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, help="fast path: augmented views per training image")
     p.add_argument("--freeze-at", type=int, help="fast path: stages frozen into the bank (0: train end to end)")
     p.add_argument("--teachers", nargs="+", help="fast path: teacher run folders to distil from")
+    p.add_argument("--holdout", type=_holdout, metavar="FOLD/FOLDS",
+                   help="fast path: train without one lesion fold of the training split (cross-fitted teachers)")
     p.add_argument("--device", default="auto", help="fast path: auto (CUDA when torch sees one), cpu, cuda, cuda:N")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true")

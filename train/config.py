@@ -49,6 +49,7 @@ class Recipe:
     bank_bf16: bool = True  # build the bank under bfloat16 autocast (validation features stay float32)
     prior_grid: tuple[float, ...] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
     dihedral: bool = False  # freeze_at 0 only: each step also flips / transposes its views at random
+    holdout: tuple[int, int] | None = None  # (fold, folds): train without that lesion fold (`dermtrain.folds`)
     distill: DistillConfig | None = None
 
 
@@ -119,8 +120,9 @@ def _recipe(d: dict) -> Recipe:
         dd = dict(d["distill"])
         dd["teachers"] = tuple(dd.get("teachers", ()))
         d["distill"] = DistillConfig(**dd)
-    if "prior_grid" in d:
-        d["prior_grid"] = tuple(d["prior_grid"])
+    for k in ("prior_grid", "holdout"):
+        if d.get(k) is not None:
+            d[k] = tuple(d[k])
     return Recipe(**d)
 
 
@@ -133,6 +135,8 @@ def validate_recipe(r: Recipe) -> None:
         raise ConfigError("recipe needs epochs >= 1, views >= 1, freeze_at >= 0, 0 <= ema < 1, 0 <= warmup < 1")
     if r.dihedral and r.freeze_at:
         raise ConfigError("recipe.dihedral is for end-to-end students (freeze_at 0): a bank holds fixed views")
+    if r.holdout is not None and not (len(r.holdout) == 2 and r.holdout[1] >= 2 and 0 <= r.holdout[0] < r.holdout[1]):
+        raise ConfigError(f"recipe.holdout must be [fold, folds] with folds >= 2 and 0 <= fold < folds, not {r.holdout}")
     if r.distill is not None and not r.distill.teachers:
         raise ConfigError("recipe.distill needs at least one teacher run folder")
 
@@ -173,7 +177,7 @@ def with_overrides(cfg: TrainConfig, **kw) -> TrainConfig:
         kw["phase1"] = replace(cfg.phase1, epochs=kw.pop("epochs_head"))
     if "epochs_tune" in kw:
         kw["phase2"] = replace(cfg.phase2, epochs=kw.pop("epochs_tune"))
-    recipe_kw = {k: kw.pop(k) for k in ("epochs", "views", "freeze_at", "teachers") if k in kw}
+    recipe_kw = {k: kw.pop(k) for k in ("epochs", "views", "freeze_at", "holdout", "teachers") if k in kw}
     if recipe_kw:
         if cfg.recipe is None:
             flags = ", ".join("--" + k.replace("_", "-") for k in recipe_kw)

@@ -2,7 +2,9 @@
 
 Each teacher's logits on view v of image i are its late stages applied to its own bank (the very features its
 whole network computes), so caching them for all K x N views costs a few minutes, not a bank build per teacher.
-The ensemble averages the teachers' probabilities (each with its validated prior shift folded in).
+The ensemble averages the teachers' probabilities (each with its validated prior shift folded in). A teacher
+trained with a holdout (`dermtrain.folds`) speaks only for the images of its held-out fold: k of them, one per
+fold, give every training image a target from a model that never saw it.
 """
 from __future__ import annotations
 
@@ -17,9 +19,12 @@ from dermtrain.bank import bank_for, view_params
 from dermtrain.cache import build_cache
 from dermtrain.config import ConfigError, DistillConfig, TrainConfig
 from dermtrain.data import Record
+from dermtrain.folds import fold_of
+from dermtrain.metrics import summarize
 from dermtrain.stages import Cut
 from engines.engine import softmax
-from engines.fsutil import atomic_path
+from engines.fsutil import atomic_path, write_json
+from engines.labels import CLASS_CODES
 
 
 def _check_compatible(name: str, tcfg: TrainConfig, cfg: TrainConfig, t_split: str, split_hash: str) -> None:
@@ -34,10 +39,18 @@ def _check_compatible(name: str, tcfg: TrainConfig, cfg: TrainConfig, t_split: s
             raise ConfigError(f"teacher {name}: {what} {a} differs from the student's {b}: the views would differ")
 
 
+def speaks_for(tcfg: TrainConfig, train_recs: list[Record]) -> np.ndarray:
+    """Which training images a teacher's targets may be used on: all, or those of the fold it did not fit."""
+    if tcfg.recipe.holdout is None:
+        return np.ones(len(train_recs), bool)
+    fold, folds = tcfg.recipe.holdout
+    return fold_of(train_recs, folds) == fold
+
+
 @torch.no_grad()
 def teacher_view_logp(run_dir: Path, cfg: TrainConfig, train_recs: list[Record], split_hash: str,
-                      cache_dir: Path | None, progress: bool) -> np.ndarray:
-    """K x N x 7 log-probabilities of one teacher on the student's views."""
+                      cache_dir: Path | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """K x N x 7 log-probabilities of one teacher on the student's views, and the N images it speaks for."""
     from dermtrain.evaluate import load_run_model
 
     model, tcfg, tspec, state = load_run_model(run_dir)
@@ -53,13 +66,13 @@ def teacher_view_logp(run_dir: Path, cfg: TrainConfig, train_recs: list[Record],
         for i in range(0, bank.shape[1], 256):
             f = torch.from_numpy(bank[v, i:i + 256]).float().contiguous(memory_format=torch.channels_last)
             out[v, i:i + 256] = cut.late(f).float().numpy()
-    return np.log(softmax(out.reshape(-1, 7)).reshape(out.shape) + 1e-12)
+    return np.log(softmax(out.reshape(-1, 7)).reshape(out.shape) + 1e-12), speaks_for(tcfg, train_recs)
 
 
 def teacher_targets(d: DistillConfig, cfg: TrainConfig, train_recs: list[Record], split_hash: str, run_root: Path,
                     cache_dir: Path | None, progress: bool) -> np.ndarray:
     """K x N x 7 ensemble log-probabilities, cached in the run folder as teacher_logp.npz (keyed by the teachers'
-    checkpoints)."""
+    checkpoints); how close they sit to the labels goes to teacher_targets.json."""
     dirs = [Path(t) for t in d.teachers]
     for t in dirs:
         if not (t / "best.pt").is_file():
@@ -70,9 +83,25 @@ def teacher_targets(d: DistillConfig, cfg: TrainConfig, train_recs: list[Record]
         cached = np.load(path)
         if str(cached["key"]) == key:
             return cached["logp"]
-    probs = np.mean([np.exp(teacher_view_logp(t, cfg, train_recs, split_hash, cache_dir, progress)) for t in dirs],
-                    axis=0)
-    logp = np.log(probs + 1e-12).astype(np.float32)
+    total, count = None, np.zeros(len(train_recs))
+    seen_by_a_speaker = np.zeros(len(train_recs), bool)  # a teacher that fitted the image speaks for it
+    for t in dirs:
+        logp, mask = teacher_view_logp(t, cfg, train_recs, split_hash, cache_dir, progress)
+        total = np.zeros_like(logp) if total is None else total
+        total[:, mask] += np.exp(logp[:, mask])
+        count += mask
+        seen_by_a_speaker |= mask.all()
+    if (count == 0).any():
+        raise ConfigError(f"teachers {', '.join(map(str, dirs))}: {int((count == 0).sum())} training images have no "
+                          "teacher that may speak for them: teachers trained with --holdout F/K need every fold "
+                          "0..K-1 among them")
+    logp = np.log(total / count[None, :, None] + 1e-12).astype(np.float32)
+    y = np.array([CLASS_CODES.index(r.dx) for r in train_recs])
+    s = summarize(logp.mean(0), y)
+    write_json(run_root / "teacher_targets.json", {
+        "teachers": [str(t) for t in dirs], "views": int(logp.shape[0]), "images": int(logp.shape[1]),
+        "cross_fitted_share": float(np.mean(~seen_by_a_speaker)),
+        "accuracy_on_train": s["accuracy"], "balanced_accuracy_on_train": s["balanced_accuracy"]})
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, logp=logp, key=np.array(key))

@@ -32,6 +32,7 @@ from dermtrain.config import Recipe, TrainConfig
 from dermtrain.data import load_records
 from dermtrain.fit import (RunFiles, ResumeError, amp_context, code_version, load_resume, predict_logits,
                            preprocess_spec, save_checkpoint, write_run_files)
+from dermtrain.folds import fitted_indices
 from dermtrain.losses import FocalLoss
 from dermtrain.metrics import summarize
 from dermtrain.models import create_model
@@ -183,12 +184,14 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
     rows = read_manifest(split_path)
     train_recs = select(rows, records, "train", cfg.limit, cfg.seed)
     val_recs = select(rows, records, "val", cfg.limit, cfg.seed)
+    fitted = fitted_indices(train_recs, r.holdout)  # the bank keeps every training image; a holdout skips some
     write_run_files(run, cfg, split_path, split_hash, data_dir, spec,
-                    {"n_train": len(train_recs), "n_val": len(val_recs), "device": str(device), "path": "fast"})
+                    {"n_train": len(train_recs), "n_fitted": len(fitted), "n_val": len(val_recs),
+                     "device": str(device), "path": "fast"})
     train_x, train_y = build_cache(train_recs, spec, "caching train", progress)
     val_x, val_y = build_cache(val_recs, spec, "caching val", progress)
     params = view_params(len(train_x), r.views, cfg.augment, cfg.seed)
-    counts = np.bincount(train_y, minlength=K).astype(np.float64) + 1.0
+    counts = np.bincount(train_y[fitted], minlength=K).astype(np.float64) + 1.0
     log_prior_np = np.log(counts / counts.sum()).astype(np.float32)
     log_prior = torch.from_numpy(log_prior_np).to(device)
 
@@ -204,7 +207,7 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
 
     params_trainable = [p for m in inputs.trainable for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params_trainable, lr=r.lr, weight_decay=cfg.weight_decay)
-    n = len(train_x)
+    n = len(fitted)
     bs = min(cfg.batch_size, n)
     steps = max(1, n // bs)
     sched = make_schedule(opt, r, r.epochs * steps)
@@ -229,7 +232,7 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
 
     for epoch in range(start, r.epochs):
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=g).numpy()
+        order = fitted[torch.randperm(n, generator=g).numpy()]
         view = torch.randint(r.views, (n,), generator=g).numpy()
         torch.manual_seed(cfg.seed * 1_000 + epoch)  # dropout / drop-path draws replay on resume
         for m in inputs.trainable:

@@ -50,7 +50,8 @@ def speaks_for(tcfg: TrainConfig, train_recs: list[Record]) -> np.ndarray:
 @torch.no_grad()
 def teacher_view_logp(run_dir: Path, cfg: TrainConfig, train_recs: list[Record], split_hash: str,
                       cache_dir: Path | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """K x N x 7 log-probabilities of one teacher on the student's views, and the N images it speaks for."""
+    """K x N x 7 log-probabilities of one teacher on the student's views (NaN on the images it does not speak for:
+    a fold teacher runs on its fold only), and the N images it speaks for."""
     from dermtrain.evaluate import load_run_model
 
     model, tcfg, tspec, state = load_run_model(run_dir)
@@ -60,13 +61,17 @@ def teacher_view_logp(run_dir: Path, cfg: TrainConfig, train_recs: list[Record],
     cut = Cut(model, tcfg.recipe.freeze_at)
     bank = bank_for(tcfg, cut, x, params, tspec, split_hash, cache_dir, progress)
     model = model.to(memory_format=torch.channels_last)
-    out = np.empty((bank.shape[0], bank.shape[1], 7), np.float32)
+    mask = speaks_for(tcfg, train_recs)
+    idx = np.flatnonzero(mask)
+    logits = np.empty((bank.shape[0], len(idx), 7), np.float32)
     for v in tqdm(range(bank.shape[0]), desc=f"teacher {run_dir.name} on the views", unit="view", disable=not progress,
                   leave=False):
-        for i in range(0, bank.shape[1], 256):
-            f = torch.from_numpy(bank[v, i:i + 256]).float().contiguous(memory_format=torch.channels_last)
-            out[v, i:i + 256] = cut.late(f).float().numpy()
-    return np.log(softmax(out.reshape(-1, 7)).reshape(out.shape) + 1e-12), speaks_for(tcfg, train_recs)
+        for i in range(0, len(idx), 256):
+            f = torch.from_numpy(bank[v, idx[i:i + 256]]).float().contiguous(memory_format=torch.channels_last)
+            logits[v, i:i + 256] = cut.late(f).float().numpy()
+    out = np.full((bank.shape[0], bank.shape[1], 7), np.nan, np.float32)
+    out[:, idx] = np.log(softmax(logits.reshape(-1, 7)).reshape(logits.shape) + 1e-12)
+    return out, mask
 
 
 def teacher_targets(d: DistillConfig, cfg: TrainConfig, train_recs: list[Record], split_hash: str, run_root: Path,

@@ -14,7 +14,12 @@
 # `fit lite0-f3-kd lite0-bank --freeze-at 3 --epochs 10 --teachers runs/lite0-f3 runs/lite1-bank`; 12 views per image:
 # `fit lite0-v12 lite0-bank --views 12` (69.9%, gone by epoch 15) and `... --views 12 --epochs 9` (68.2%): not shipped;
 # a second ConvNeXt student from those two teachers:
-# `fit convnext-kd2 docs/models/experiments/convnext_distill_2/config.json` (43.8%, stopped at 15 of 25 epochs).
+# `fit convnext-kd2 docs/models/experiments/convnext_distill_2/config.json` (43.8%, stopped at 15 of 25 epochs);
+# teachers cross-fitted on 3 lesion folds, `fit xfit-F lite0-bank --views 12 --epochs 10 --holdout F/3` for F = 0..2
+# (62.8-63.7% each), and a third ConvNeXt student from their out-of-fold targets:
+# `fit convnext-xfit docs/models/experiments/convnext_distill_2/config.json --views 12 --epochs 20
+#  --teachers runs/xfit-0 runs/xfit-1 runs/xfit-2` (42.7%) and a Lite0 one, `fit lite0-xfit lite0-bank --views 12
+#  --epochs 10 --teachers runs/xfit-0 runs/xfit-1 runs/xfit-2` (67.4%): not shipped.
 # The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
 # (INT8 fails its gate for both: docs/int8.md).
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]

@@ -187,6 +187,7 @@ def test_bank_student_learns_from_the_teachers_on_its_own_bank(teacher_run, data
     logp = np.load(out / "teacher_logp.npz")["logp"]
     n_train = json.loads((out / "run.json").read_text())["n_train"]
     assert logp.shape == (BANK["views"], n_train, 7) and np.isfinite(logp).all()
+    assert json.loads((out / "teacher_targets.json").read_text())["cross_fitted_share"] == 0.0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["recipe"]["distill"]["teachers"] == [str(teacher_run)]
     hist = json.loads((out / "history.json").read_text())

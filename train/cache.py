@@ -13,12 +13,16 @@ from engines.labels import CLASS_CODES
 from engines.preprocess import PreprocessSpec, resize_for_model
 
 
+def labels_of(records: list[Record]) -> np.ndarray:
+    return np.array([CLASS_CODES.index(r.dx) for r in records], dtype=np.int64)
+
+
 def build_cache(records: list[Record], spec: PreprocessSpec, desc: str = "caching",
                 progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(N x size x size x 3 uint8 images, N int64 labels). Decoding runs in threads: PIL and OpenCV
     release the GIL while they work."""
     images = np.empty((len(records), spec.size, spec.size, 3), dtype=np.uint8)
-    labels = np.array([CLASS_CODES.index(r.dx) for r in records], dtype=np.int64)
+    labels = labels_of(records)
 
     def fill(i: int) -> None:
         images[i] = resize_for_model(load_rgb(records[i].path), spec)

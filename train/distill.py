@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from dermtrain.bank import bank_for, view_params
-from dermtrain.cache import build_cache
+from dermtrain.cache import build_cache, labels_of
 from dermtrain.config import ConfigError, DistillConfig, TrainConfig
 from dermtrain.data import Record
 from dermtrain.folds import fold_of
@@ -24,7 +24,6 @@ from dermtrain.metrics import summarize
 from dermtrain.stages import Cut
 from engines.engine import softmax
 from engines.fsutil import atomic_path, write_json
-from engines.labels import CLASS_CODES
 
 
 def _check_compatible(name: str, tcfg: TrainConfig, cfg: TrainConfig, t_split: str, split_hash: str) -> None:
@@ -89,23 +88,22 @@ def teacher_targets(d: DistillConfig, cfg: TrainConfig, train_recs: list[Record]
         if str(cached["key"]) == key:
             return cached["logp"]
     total, count = None, np.zeros(len(train_recs))
-    seen_by_a_speaker = np.zeros(len(train_recs), bool)  # a teacher that fitted the image speaks for it
+    fitted_by_a_speaker = np.zeros(len(train_recs), bool)  # a teacher without a holdout fitted every image
     for t in dirs:
         logp, mask = teacher_view_logp(t, cfg, train_recs, split_hash, cache_dir, progress)
         total = np.zeros_like(logp) if total is None else total
         total[:, mask] += np.exp(logp[:, mask])
         count += mask
-        seen_by_a_speaker |= mask.all()
+        fitted_by_a_speaker |= mask.all()
     if (count == 0).any():
         raise ConfigError(f"teachers {', '.join(map(str, dirs))}: {int((count == 0).sum())} training images have no "
                           "teacher that may speak for them: teachers trained with --holdout F/K need every fold "
                           "0..K-1 among them")
     logp = np.log(total / count[None, :, None] + 1e-12).astype(np.float32)
-    y = np.array([CLASS_CODES.index(r.dx) for r in train_recs])
-    s = summarize(logp.mean(0), y)
+    s = summarize(logp.mean(0), labels_of(train_recs))
     write_json(run_root / "teacher_targets.json", {
         "teachers": [str(t) for t in dirs], "views": int(logp.shape[0]), "images": int(logp.shape[1]),
-        "cross_fitted_share": float(np.mean(~seen_by_a_speaker)),
+        "cross_fitted_share": float(np.mean(~fitted_by_a_speaker)),
         "accuracy_on_train": s["accuracy"], "balanced_accuracy_on_train": s["balanced_accuracy"]})
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

@@ -3,6 +3,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
+from dermtrain.config import ConfigError, from_dict, load_config
 from dermtrain.splits import SPLITS, make_split, read_manifest, select, split_counts, write_manifest
 from engines.labels import CLASS_CODES
 
@@ -55,3 +56,8 @@ def test_cross_fitting_folds_keep_lesions_whole(records):
     for bad in ("3/3", "x", "1/1", "0/3/4"):
         with pytest.raises(ValueError, match="FOLD"):
             parse_holdout(bad)
+    base = load_config("lite0-bank").to_dict()
+    for bad in ([0.5, 3], [3, 3], "0/3", [0, 3, 1]):
+        with pytest.raises(ConfigError, match="holdout"):
+            from_dict({**base, "recipe": {**base["recipe"], "holdout": bad}})
+    assert from_dict({**base, "recipe": {**base["recipe"], "holdout": [2, 3]}}).recipe.holdout == (2, 3)

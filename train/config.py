@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from dermtrain.augment import AugmentConfig
+from dermtrain.folds import valid_holdout
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -135,8 +136,7 @@ def validate_recipe(r: Recipe) -> None:
         raise ConfigError("recipe needs epochs >= 1, views >= 1, freeze_at >= 0, 0 <= ema < 1, 0 <= warmup < 1")
     if r.dihedral and r.freeze_at:
         raise ConfigError("recipe.dihedral is for end-to-end students (freeze_at 0): a bank holds fixed views")
-    if r.holdout is not None and not (len(r.holdout) == 2 and all(type(v) is int for v in r.holdout)
-                                      and r.holdout[1] >= 2 and 0 <= r.holdout[0] < r.holdout[1]):
+    if r.holdout is not None and not valid_holdout(r.holdout):
         raise ConfigError(f"recipe.holdout must be [fold, folds] with folds >= 2 and 0 <= fold < folds, not {r.holdout}")
     if r.distill is not None and not r.distill.teachers:
         raise ConfigError("recipe.distill needs at least one teacher run folder")

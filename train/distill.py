@@ -19,7 +19,7 @@ from dermtrain.bank import bank_for, view_params
 from dermtrain.cache import build_cache, labels_of
 from dermtrain.config import ConfigError, DistillConfig, TrainConfig
 from dermtrain.data import Record
-from dermtrain.folds import fold_of
+from dermtrain.folds import held_out
 from dermtrain.metrics import summarize
 from dermtrain.stages import Cut
 from engines.engine import softmax
@@ -40,10 +40,8 @@ def _check_compatible(name: str, tcfg: TrainConfig, cfg: TrainConfig, t_split: s
 
 def speaks_for(tcfg: TrainConfig, train_recs: list[Record]) -> np.ndarray:
     """Which training images a teacher's targets may be used on: all, or those of the fold it did not fit."""
-    if tcfg.recipe.holdout is None:
-        return np.ones(len(train_recs), bool)
-    fold, folds = tcfg.recipe.holdout
-    return fold_of(train_recs, folds) == fold
+    h = tcfg.recipe.holdout
+    return held_out(train_recs, h) if h is not None else np.ones(len(train_recs), bool)
 
 
 @torch.no_grad()

@@ -24,20 +24,31 @@ def fold_of(records: list[Record], folds: int) -> np.ndarray:
     return np.array([lesion_fold(r.lesion_id, folds) for r in records], dtype=np.int64)
 
 
+def valid_holdout(holdout) -> bool:
+    """(fold, folds) with integer folds >= 2 and 0 <= fold < folds."""
+    return (len(holdout) == 2 and all(type(v) is int for v in holdout)
+            and holdout[1] >= 2 and 0 <= holdout[0] < holdout[1])
+
+
 def parse_holdout(text: str) -> tuple[int, int]:
     """'FOLD/FOLDS' (e.g. '0/3') -> (0, 3); ValueError with a one-line message otherwise."""
     try:
         fold, folds = (int(t) for t in text.split("/"))
     except ValueError:
         raise ValueError(f"{text!r}: expected FOLD/FOLDS, e.g. 0/3") from None
-    if not (folds >= 2 and 0 <= fold < folds):
+    if not valid_holdout((fold, folds)):
         raise ValueError(f"{text!r}: needs FOLDS >= 2 and 0 <= FOLD < FOLDS")
     return fold, folds
 
 
+def held_out(records: list[Record], holdout: tuple[int, int] | None) -> np.ndarray:
+    """Which training records a run with this holdout does not fit (none without one)."""
+    if holdout is None:
+        return np.zeros(len(records), bool)
+    fold, folds = holdout
+    return fold_of(records, folds) == fold
+
+
 def fitted_indices(records: list[Record], holdout: tuple[int, int] | None) -> np.ndarray:
     """Indices of the training records a run fits: all, or all outside its held-out fold."""
-    if holdout is None:
-        return np.arange(len(records))
-    fold, folds = holdout
-    return np.flatnonzero(fold_of(records, folds) != fold)
+    return np.flatnonzero(~held_out(records, holdout))

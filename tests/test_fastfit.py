@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from dermtrain.augment import AugmentConfig, apply_params, draw_params, random_dihedral, to_float_nchw
+from dermtrain.augment import (AugmentConfig, apply_dihedral, apply_params, draw_params, random_dihedral,
+                               to_float_nchw)
 from dermtrain.bank import early_features, make_views, view_params
 from dermtrain.config import ConfigError, load_config, validate, with_overrides
 from dermtrain.fit import fit
@@ -125,6 +126,27 @@ def test_bank_run_trains_caches_and_folds_the_prior(teacher_run, data_dir, cache
     assert "prior_shift" in state and len(state["log_prior"]) == 7
 
 
+def test_sample_order_oversamples_rare_classes_by_the_sampling_power():
+    from dermtrain.fit import sample_order
+    labels = np.array([0] * 900 + [1] * 100)
+    draws = {m: np.bincount(labels[sample_order(labels, m, torch.Generator().manual_seed(0)).numpy()], minlength=2)
+             for m in ("uniform", "sqrt", "balanced")}
+    assert list(draws["uniform"]) == [900, 100]  # a permutation
+    assert 0.2 < draws["sqrt"][1] / 1000 < 0.3  # sqrt(100) / (sqrt(900) + sqrt(100)) = 0.25
+    assert 0.45 < draws["balanced"][1] / 1000 < 0.55
+
+
+def test_a_sqrt_sampled_run_adjusts_for_the_flattened_prior(teacher_run, data_dir, split_csv, cache_dir, tmp_path):
+    """Class-balanced sampling in the fast path: the prior the loss sees, and the one folded back at inference, is
+    the sampled one (class counts ** 0.5), not the data's."""
+    out = tmp_path / "sqrt"
+    fit(bank_config(sampling="sqrt", epochs=1), data_dir, split_csv, out, progress=False)
+    natural = np.array(torch.load(teacher_run / "best.pt", weights_only=False)["log_prior"])
+    sampled = np.array(torch.load(out / "best.pt", weights_only=False)["log_prior"])
+    flattened = 0.5 * natural - np.log(np.exp(0.5 * natural).sum())
+    assert np.allclose(sampled, flattened, atol=1e-5) and np.ptp(sampled) < np.ptp(natural)
+
+
 def test_a_run_on_a_cached_bank_repeats_the_run_that_built_it(teacher_run, data_dir, split_csv, cache_dir, tmp_path):
     """The second run loads the bank from the cache (no early stage runs for it): its validation figures, computed
     with early stages it did not freeze itself, must be those of the first run."""
@@ -175,6 +197,74 @@ def test_distilled_student(teacher_run, data_dir, split_csv, tmp_path, cache_dir
     bad = with_overrides(cfg, views=3)
     with pytest.raises(ConfigError, match="views"):
         fit(bad, data_dir, split_csv, tmp_path / "bad", progress=False)
+
+
+def _hint_student(teacher_run, **recipe):
+    cfg = with_overrides(load_config("convnext-distill"), model="test_convnext", teachers=(str(teacher_run),),
+                         **{**BANK, "img_size": 48})
+    return replace_recipe(cfg, dihedral=True, distill=replace(cfg.recipe.distill, **recipe))
+
+
+def test_hinted_student_trains_and_resumes(teacher_run, data_dir, split_csv, tmp_path, cache_dir):
+    """A student with a feature hint trains on the teacher's cached bank (no new bank), records the hint loss and
+    saves its projection for a resume; the projection is not part of the deployed model."""
+    banks = sorted(cache_dir.glob("bank-*.npy"))
+    cfg = _hint_student(teacher_run, hint=1.0)
+    out = tmp_path / "hinted"
+    fit(cfg, data_dir, split_csv, out, progress=False)
+    fit(cfg, data_dir, split_csv, out, resume=True, progress=False)  # loads the saved projection; no epoch left
+    assert sorted(cache_dir.glob("bank-*.npy")) == banks
+    hist = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2] and all(0 < h["train_hint_loss"] < 10 for h in hist)
+    last = torch.load(out / "last.pt", weights_only=False)
+    teacher_channels = 80  # Lite0 after block 3, where the teacher's bank was cut
+    assert last["hint"]["proj.weight"].shape == (teacher_channels, 48, 1, 1)
+    assert not any(k.startswith("proj") for k in torch.load(out / "best.pt", weights_only=False)["model"])
+
+
+def test_hint_follows_the_views_symmetry_and_reaches_the_early_stages(teacher_run, data_dir, split_csv, cache_dir):
+    from torch import nn
+
+    from dermtrain.data import load_records
+    from dermtrain.distill import teacher_bank
+    from dermtrain.hints import FeatureHint
+    from dermtrain.models import create_model
+    from dermtrain.splits import manifest_sha256, read_manifest, select
+
+    cfg = _hint_student(teacher_run, hint=1.0)
+    recs = select(read_manifest(split_csv), load_records(data_dir), "train", cfg.limit, cfg.seed)
+    _, _, bank = teacher_bank(teacher_run, cfg, recs, manifest_sha256(split_csv), None, False)
+    torch.manual_seed(0)
+    student = create_model("test_convnext")
+    hint = FeatureHint(student, 3, bank, 48)
+    idx, views = np.arange(6), np.array([0, 1, 0, 1, 0, 1])
+    c = bank.shape[2]
+    target = torch.nn.functional.adaptive_avg_pool2d((torch.from_numpy(bank[views, idx]).float() - hint.mean)
+                                                     / hint.std, hint.grid)
+    hint.proj = nn.Conv2d(c, c, 1)
+    with torch.no_grad():
+        hint.proj.weight.copy_(torch.eye(c).view(c, c, 1, 1))
+        hint.proj.bias.zero_()
+    bits = torch.tensor([[1, 0, 0, 1, 1, 0], [0, 1, 0, 1, 0, 1], [0, 0, 1, 0, 1, 1]]).bool()
+    mirrored = apply_dihedral(target, bits)
+    with torch.no_grad():
+        assert float(hint.loss(mirrored, idx, views, bits)) < 1e-10  # the target turned with the student's view
+        assert float(hint.loss(mirrored, idx, views, None)) > 0.1
+    # its gradient trains the student's early stages, not the head
+    hint = FeatureHint(student, 3, bank, 48)
+    x = torch.randn(6, 3, 48, 48)
+    _, f = hint(x)
+    hint.loss(f, idx, views, None).backward()
+    assert student.stem[0].weight.grad.abs().sum() > 0
+    assert student.get_classifier().weight.grad is None
+
+
+def test_a_hint_needs_an_end_to_end_student_and_a_weight_of_at_least_0():
+    student = load_config("convnext-distill")
+    with pytest.raises(ConfigError, match="hint"):
+        replace_recipe(student, distill=replace(student.recipe.distill, hint=-1.0))
+    with pytest.raises(ConfigError, match="hint"):
+        replace_recipe(student, freeze_at=3, dihedral=False, distill=replace(student.recipe.distill, hint=1.0))
 
 
 def test_bank_student_learns_from_the_teachers_on_its_own_bank(teacher_run, data_dir, split_csv, tmp_path, cache_dir):

@@ -105,12 +105,22 @@ def random_dihedral(x: torch.Tensor) -> torch.Tensor:
     global generator (a horizontal flip, a vertical flip and, when H == W, a transpose, each with probability 1/2).
     A dermoscopy image has no up, down or handedness, so a teacher's target for a view holds for its mirror images
     too: a student trained on K fixed views sees up to 8K distinct inputs per image."""
-    n = x.shape[0]
-    bits = torch.randint(0, 2, (3, n)).bool().view(3, n, 1, 1, 1)
-    x = torch.where(bits[0], x.flip(3), x)
-    x = torch.where(bits[1], x.flip(2), x)
+    return apply_dihedral(x, draw_dihedral(x.shape[0]))
+
+
+def draw_dihedral(n: int) -> torch.Tensor:
+    """3 x N bits (horizontal flip, vertical flip, transpose) from torch's global generator."""
+    return torch.randint(0, 2, (3, n)).bool()
+
+
+def apply_dihedral(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """The symmetries `bits` (from draw_dihedral) applied to a batch of images or of feature maps alike, so that a
+    teacher's spatial features follow the student's view. The transpose applies only when H == W."""
+    b = bits.view(3, -1, 1, 1, 1)
+    x = torch.where(b[0], x.flip(3), x)
+    x = torch.where(b[1], x.flip(2), x)
     if x.shape[2] == x.shape[3]:
-        x = torch.where(bits[2], x.transpose(2, 3), x)
+        x = torch.where(b[2], x.transpose(2, 3), x)
     return x
 
 

@@ -27,6 +27,8 @@ class DistillConfig:
     teachers: tuple[str, ...]  # run folders of bank-trained teachers (same split, seed, views and augmentation)
     temperature: float = 2.0
     alpha: float = 0.7  # weight of the soft-target KL; 1 - alpha goes to the label loss
+    hint: float = 0.0  # weight of the feature hint (`dermtrain.hints`) from the first teacher's bank; 0: none
+    hint_at: int = 3  # the student's stages whose output is matched to the teacher's bank features
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Recipe:
 
     freeze_at > 0: the first freeze_at stages are frozen and run once per view into a feature bank; only the
     late stages and the head train. freeze_at = 0: the whole network trains on the same views (distillation).
+    The top-level `sampling` applies here too: class-balanced sampling also flattens the prior the loss adjusts for.
     """
     epochs: int = 15
     lr: float = 1e-3
@@ -140,6 +143,10 @@ def validate_recipe(r: Recipe) -> None:
         raise ConfigError(f"recipe.holdout must be [fold, folds] with folds >= 2 and 0 <= fold < folds, not {r.holdout}")
     if r.distill is not None and not r.distill.teachers:
         raise ConfigError("recipe.distill needs at least one teacher run folder")
+    if r.distill is not None and (r.distill.hint < 0 or r.distill.hint_at < 1):
+        raise ConfigError("recipe.distill needs hint >= 0 and hint_at >= 1")
+    if r.distill is not None and r.distill.hint and r.freeze_at:
+        raise ConfigError("recipe.distill.hint is for end-to-end students (freeze_at 0): a bank's stages are frozen")
 
 
 def validate(cfg: TrainConfig) -> None:

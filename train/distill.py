@@ -44,11 +44,9 @@ def speaks_for(tcfg: TrainConfig, train_recs: list[Record]) -> np.ndarray:
     return held_out(train_recs, h) if h is not None else np.ones(len(train_recs), bool)
 
 
-@torch.no_grad()
-def teacher_view_logp(run_dir: Path, cfg: TrainConfig, train_recs: list[Record], split_hash: str,
-                      cache_dir: Path | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """K x N x 7 log-probabilities of one teacher on the student's views (NaN on the images it does not speak for:
-    a fold teacher runs on its fold only), and the N images it speaks for."""
+def teacher_bank(run_dir: Path, cfg: TrainConfig, train_recs: list[Record], split_hash: str,
+                 cache_dir: Path | None, progress: bool) -> tuple[TrainConfig, Cut, np.ndarray]:
+    """A teacher's config, its model cut where its bank was, and its bank on the student's views (cached or built)."""
     from dermtrain.evaluate import load_run_model
 
     model, tcfg, tspec, state = load_run_model(run_dir)
@@ -57,7 +55,16 @@ def teacher_view_logp(run_dir: Path, cfg: TrainConfig, train_recs: list[Record],
     params = view_params(len(x), tcfg.recipe.views, tcfg.augment, tcfg.seed)
     cut = Cut(model, tcfg.recipe.freeze_at)
     bank = bank_for(tcfg, cut, x, params, tspec, split_hash, cache_dir, progress)
-    model = model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # in place: the cut runs the late stages channels-last
+    return tcfg, cut, bank
+
+
+@torch.no_grad()
+def teacher_view_logp(run_dir: Path, cfg: TrainConfig, train_recs: list[Record], split_hash: str,
+                      cache_dir: Path | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """K x N x 7 log-probabilities of one teacher on the student's views (NaN on the images it does not speak for:
+    a fold teacher runs on its fold only), and the N images it speaks for."""
+    tcfg, cut, bank = teacher_bank(run_dir, cfg, train_recs, split_hash, cache_dir, progress)
     mask = speaks_for(tcfg, train_recs)
     idx = np.flatnonzero(mask)
     logits = np.empty((bank.shape[0], len(idx), 7), np.float32)

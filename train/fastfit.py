@@ -3,8 +3,9 @@
 - freeze_at > 0 (teachers): the frozen early stages ran once per view into the bank (`dermtrain.bank`); each step
   runs only the late stages and the head.
 - freeze_at = 0 (students): the whole network trains on the same views, and with `distill` learns the teachers'
-  soft targets for each view (`dermtrain.distill`) beside the labels; with `dihedral` each step also mirrors or
-  transposes its views at random, against the same targets.
+  soft targets for each view (`dermtrain.distill`) beside the labels, and with `distill.hint` the first teacher's
+  bank features too (`dermtrain.hints`); with `dihedral` each step also mirrors or transposes its views at random,
+  against the same targets (the hint's feature maps turn with them).
 Both use a one-cycle or cosine schedule with warm-up, an EMA of the weights (BatchNorm buffers included), label
 smoothing and a class-balanced loss. `best.pt` holds the EMA weights with `prior_shift` x log-prior folded into
 the classifier bias, the shift chosen on validation: the ONNX export and every runtime then run those logits.
@@ -25,13 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dermtrain.augment import AugmentParams, random_dihedral
+from dermtrain.augment import AugmentParams, apply_dihedral, draw_dihedral
 from dermtrain.bank import bank_for, early_features, make_views, view_params
 from dermtrain.cache import build_cache
 from dermtrain.config import Recipe, TrainConfig
 from dermtrain.data import load_records
-from dermtrain.fit import (RunFiles, ResumeError, amp_context, code_version, load_resume, predict_logits,
-                           preprocess_spec, save_checkpoint, write_run_files)
+from dermtrain.fit import (SAMPLING_POWER, RunFiles, ResumeError, amp_context, code_version, load_resume,
+                           predict_logits, preprocess_spec, sample_order, save_checkpoint, write_run_files)
 from dermtrain.folds import fitted_indices
 from dermtrain.losses import FocalLoss
 from dermtrain.metrics import summarize
@@ -154,8 +155,7 @@ def bank_inputs(model: nn.Module, cfg: TrainConfig, spec, train_x, val_x, params
 def view_inputs(model: nn.Module, cfg: TrainConfig, spec, train_x, val_x, params: AugmentParams,
                 device: torch.device) -> Inputs:
     def batch(idx, v):
-        x = make_views(train_x[idx], params.take((torch.from_numpy(v), torch.from_numpy(idx))), spec)
-        return _dev(random_dihedral(x) if cfg.recipe.dihedral else x, device)
+        return _dev(make_views(train_x[idx], params.take((torch.from_numpy(v), torch.from_numpy(idx))), spec), device)
 
     return Inputs(batch=batch, forward=lambda net, x: net(x),
                   val_logits=lambda net: predict_logits(net, val_x, spec, device, cfg.eval_batch_size, None, True),
@@ -191,7 +191,9 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
     train_x, train_y = build_cache(train_recs, spec, "caching train", progress)
     val_x, val_y = build_cache(val_recs, spec, "caching val", progress)
     params = view_params(len(train_x), r.views, cfg.augment, cfg.seed)
+    # The class prior the loss sees: the fitted images' frequencies, flattened by class-balanced sampling.
     counts = np.bincount(train_y[fitted], minlength=K).astype(np.float64) + 1.0
+    counts **= 1 - SAMPLING_POWER[cfg.sampling]
     log_prior_np = np.log(counts / counts.sum()).astype(np.float32)
     log_prior = torch.from_numpy(log_prior_np).to(device)
 
@@ -204,8 +206,16 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
         from dermtrain.distill import teacher_targets
         teacher = torch.from_numpy(teacher_targets(r.distill, cfg, train_recs, split_hash, run.root, cache_dir,
                                                    progress))
+    hint = None
+    if r.distill is not None and r.distill.hint:
+        from dermtrain.distill import teacher_bank
+        from dermtrain.hints import FeatureHint
+        _, _, hint_bank = teacher_bank(Path(r.distill.teachers[0]), cfg, train_recs, split_hash, cache_dir, progress)
+        hint = FeatureHint(model, r.distill.hint_at, hint_bank, spec.size)
 
     params_trainable = [p for m in inputs.trainable for p in m.parameters() if p.requires_grad]
+    if hint is not None:
+        params_trainable += list(hint.proj.parameters())
     opt = torch.optim.AdamW(params_trainable, lr=r.lr, weight_decay=cfg.weight_decay)
     n = len(fitted)
     bs = min(cfg.batch_size, n)
@@ -222,6 +232,8 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
         sched.load_state_dict(state["scheduler"])
         if ema is not None:
             ema = Ema(model, r.ema, state["ema"], state["ema_updates"])
+        if hint is not None:
+            hint.load_state_dict(state["hint"])
         history, best, start = state["history"], state["best_balanced_acc"], state["epoch"]
     prior_grid = r.prior_grid
     if r.distill is not None:
@@ -232,26 +244,35 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
 
     for epoch in range(start, r.epochs):
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        order = fitted[torch.randperm(n, generator=g).numpy()]
+        order = fitted[sample_order(train_y[fitted], cfg.sampling, g).numpy()]
         view = torch.randint(r.views, (n,), generator=g).numpy()
         torch.manual_seed(cfg.seed * 1_000 + epoch)  # dropout / drop-path draws replay on resume
         for m in inputs.trainable:
             m.train()
         t0 = time.perf_counter()
-        loss_sum = correct = seen = 0.0
+        loss_sum = hint_sum = correct = seen = 0.0
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{r.epochs}", unit="batch", disable=not progress,
                    leave=False)
         for b in bar:
             idx, v = order[b * bs:(b + 1) * bs], view[b * bs:(b + 1) * bs]
             y = torch.from_numpy(train_y[idx]).to(device)
+            x = inputs.batch(idx, v)
+            bits = draw_dihedral(len(idx)) if r.dihedral else None
+            if bits is not None:
+                x = apply_dihedral(x, bits.to(x.device))
             with amp:
-                logits = inputs.forward(model, inputs.batch(idx, v)).float()
+                logits, features = hint(x) if hint is not None else (inputs.forward(model, x), None)
+            logits = logits.float()
             loss = base_loss(logits, y)
             if teacher is not None:
                 a = r.distill.alpha
                 soft = distill_loss(logits, teacher[torch.from_numpy(v), torch.from_numpy(idx)].to(device),
                                     r.distill.temperature)
                 loss = a * soft + (1 - a) * loss
+            if hint is not None:
+                hint_loss = hint.loss(features, idx, v, bits)
+                loss = loss + r.distill.hint * hint_loss
+                hint_sum += float(hint_loss.detach()) * len(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -273,6 +294,8 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
                "train_acc": correct / seen, "images_per_s": seen / seconds, "val_loss": val_loss,
                "val_acc": s["accuracy"], "val_balanced_acc": s["balanced_accuracy"],
                "val_mel_recall": s["per_class"]["mel"], "prior_shift": beta, "seconds": round(seconds, 1)}
+        if hint is not None:
+            rec["train_hint_loss"] = hint_sum / seen
         if epoch == 0 and inputs.bank_seconds:
             rec["bank_seconds"] = round(inputs.bank_seconds, 1)
         history.append(rec)
@@ -287,7 +310,8 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
                   "classes": list(CLASS_CODES), "code_version": code_version()}
         save_checkpoint(run.last, {**common, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                    "scheduler": sched.state_dict(), "ema": ema.state if ema else None,
-                                   "ema_updates": ema.updates if ema else 0})
+                                   "ema_updates": ema.updates if ema else 0,
+                                   "hint": hint.state_dict() if hint is not None else None})
         if improved:
             deploy = {k: v.detach().clone().cpu() for k, v in eval_model.state_dict().items()}
             deploy[bias_key] += beta * torch.from_numpy(log_prior_np)

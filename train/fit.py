@@ -85,16 +85,23 @@ def amp_context(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
 
-def epoch_order(labels: np.ndarray, cfg: TrainConfig, epoch: int) -> torch.Tensor:
-    """The sample order of one epoch, a function of (seed, epoch) alone so that resume replays it."""
-    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+SAMPLING_POWER = {"uniform": 0.0, "sqrt": 0.5, "balanced": 1.0}  # images drawn with weight 1 / count ** power
+
+
+def sample_order(labels: np.ndarray, sampling: str, g: torch.Generator) -> torch.Tensor:
+    """Positions into `labels` for one epoch: a permutation (uniform), or len(labels) draws with replacement
+    weighted by 1 / class count ** power (sqrt, balanced)."""
     n = len(labels)
-    if cfg.sampling == "uniform":
+    if sampling == "uniform":
         return torch.randperm(n, generator=g)
     counts = np.bincount(labels, minlength=len(CLASS_CODES)).astype(np.float64)
-    power = 1.0 if cfg.sampling == "balanced" else 0.5
-    w = 1.0 / np.maximum(counts[labels], 1) ** power
+    w = 1.0 / np.maximum(counts[labels], 1) ** SAMPLING_POWER[sampling]
     return torch.multinomial(torch.as_tensor(w), n, replacement=True, generator=g)
+
+
+def epoch_order(labels: np.ndarray, cfg: TrainConfig, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch, a function of (seed, epoch) alone so that resume replays it."""
+    return sample_order(labels, cfg.sampling, torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
 
 
 @torch.no_grad()

@@ -205,7 +205,7 @@ def _hint_student(teacher_run, **recipe):
     return replace_recipe(cfg, dihedral=True, distill=replace(cfg.recipe.distill, **recipe))
 
 
-def test_hinted_student_trains_and_resumes(teacher_run, data_dir, split_csv, tmp_path, cache_dir):
+def test_hinted_student_trains_on_the_teachers_bank_and_saves_its_projection(teacher_run, data_dir, split_csv, tmp_path, cache_dir):
     """A student with a feature hint trains on the teacher's cached bank (no new bank), records the hint loss and
     saves its projection for a resume; the projection is not part of the deployed model."""
     banks = sorted(cache_dir.glob("bank-*.npy"))

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from dermtrain.augment import (AugmentConfig, apply_dihedral, apply_params, draw_params, random_dihedral,
-                               to_float_nchw)
+from dermtrain.augment import AugmentConfig, apply_dihedral, apply_params, draw_dihedral, draw_params, to_float_nchw
 from dermtrain.bank import early_features, make_views, view_params
 from dermtrain.config import ConfigError, load_config, validate, with_overrides
 from dermtrain.fit import fit
@@ -164,17 +163,17 @@ def test_bank_is_reused_on_resume(teacher_run, data_dir, split_csv, cache_dir):
     assert res["history"] and {p: p.stat().st_mtime_ns for p in cache_dir.glob("bank-*.npy")} == before
 
 
-def test_random_dihedral_gives_each_image_one_of_the_eight_symmetries(sample_images):
+def test_dihedral_gives_each_image_one_of_the_eight_symmetries(sample_images):
     x_u8, _ = _images(sample_images[:1], 32)
     one = to_float_nchw(torch.from_numpy(x_u8))
     symmetries = [t(f(one)) for f in (lambda a: a, lambda a: a.flip(3), lambda a: a.flip(2), lambda a: a.flip((2, 3)))
                   for t in (lambda a: a, lambda a: a.transpose(2, 3))]
     torch.manual_seed(0)
-    out = random_dihedral(one.repeat(64, 1, 1, 1))
+    out = apply_dihedral(one.repeat(64, 1, 1, 1), draw_dihedral(64))
     which = [next(k for k, s in enumerate(symmetries) if torch.equal(o[None], s)) for o in out]  # StopIteration: none
     assert len(set(which)) == 8
     wide = to_float_nchw(torch.from_numpy(np.ascontiguousarray(x_u8[:, :, :24])))  # not square: flips only
-    assert random_dihedral(wide.repeat(8, 1, 1, 1)).shape == (8, 3, 32, 24)
+    assert apply_dihedral(wide.repeat(8, 1, 1, 1), draw_dihedral(8)).shape == (8, 3, 32, 24)
 
 
 def test_dihedral_is_refused_for_a_bank():

@@ -100,16 +100,11 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Te
     return apply_params(x, draw_params(x.shape[0], cfg, g))
 
 
-def random_dihedral(x: torch.Tensor) -> torch.Tensor:
-    """Each image of an N x C x H x W batch through one of the 8 symmetries of the square, drawn from torch's
-    global generator (a horizontal flip, a vertical flip and, when H == W, a transpose, each with probability 1/2).
-    A dermoscopy image has no up, down or handedness, so a teacher's target for a view holds for its mirror images
-    too: a student trained on K fixed views sees up to 8K distinct inputs per image."""
-    return apply_dihedral(x, draw_dihedral(x.shape[0]))
-
-
 def draw_dihedral(n: int) -> torch.Tensor:
-    """3 x N bits (horizontal flip, vertical flip, transpose) from torch's global generator."""
+    """3 x N bits from torch's global generator: for each image of a batch one of the 8 symmetries of the square
+    (a horizontal flip, a vertical flip and, when H == W, a transpose, each with probability 1/2). A dermoscopy
+    image has no up, down or handedness, so a teacher's target for a view holds for its mirror images too: a
+    student trained on K fixed views sees up to 8K distinct inputs per image."""
     return torch.randint(0, 2, (3, n)).bool()
 
 

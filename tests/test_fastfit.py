@@ -204,13 +204,19 @@ def _hint_student(teacher_run, **recipe):
     return replace_recipe(cfg, dihedral=True, distill=replace(cfg.recipe.distill, **recipe))
 
 
-def test_hinted_student_trains_on_the_teachers_bank_and_saves_its_projection(teacher_run, data_dir, split_csv, tmp_path, cache_dir):
-    """A student with a feature hint trains on the teacher's cached bank (no new bank), records the hint loss and
-    saves its projection for a resume; the projection is not part of the deployed model."""
+def test_hinted_student_trains_on_the_teachers_bank_and_saves_its_projection(teacher_run, data_dir, split_csv, tmp_path, cache_dir, monkeypatch):
+    """A student with a feature hint trains on the teacher's cached bank (no new bank), loading that teacher once for
+    its targets and its hint, records the hint loss and saves its projection for a resume; the projection is not
+    part of the deployed model."""
+    import dermtrain.distill as distill
+    loads = []
+    load_teacher = distill.teacher_bank
+    monkeypatch.setattr(distill, "teacher_bank", lambda run_dir, *a: loads.append(run_dir) or load_teacher(run_dir, *a))
     banks = sorted(cache_dir.glob("bank-*.npy"))
     cfg = _hint_student(teacher_run, hint=1.0)
     out = tmp_path / "hinted"
     fit(cfg, data_dir, split_csv, out, progress=False)
+    assert loads == [teacher_run]  # no targets were cached: the hint's teacher served them too
     fit(cfg, data_dir, split_csv, out, resume=True, progress=False)  # loads the saved projection; no epoch left
     assert sorted(cache_dir.glob("bank-*.npy")) == banks
     hist = json.loads((out / "history.json").read_text())

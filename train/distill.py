@@ -44,8 +44,11 @@ def speaks_for(tcfg: TrainConfig, train_recs: list[Record]) -> np.ndarray:
     return held_out(train_recs, h) if h is not None else np.ones(len(train_recs), bool)
 
 
+LoadedTeacher = tuple[TrainConfig, Cut, np.ndarray]
+
+
 def teacher_bank(run_dir: Path, cfg: TrainConfig, train_recs: list[Record], split_hash: str,
-                 cache_dir: Path | None, progress: bool) -> tuple[TrainConfig, Cut, np.ndarray]:
+                 cache_dir: Path | None, progress: bool) -> LoadedTeacher:
     """A teacher's config, its model cut where its bank was, and its bank on the student's views (cached or built)."""
     from dermtrain.evaluate import load_run_model
 
@@ -61,10 +64,12 @@ def teacher_bank(run_dir: Path, cfg: TrainConfig, train_recs: list[Record], spli
 
 @torch.no_grad()
 def teacher_view_logp(run_dir: Path, cfg: TrainConfig, train_recs: list[Record], split_hash: str,
-                      cache_dir: Path | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+                      cache_dir: Path | None, progress: bool, loaded: LoadedTeacher | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """K x N x 7 log-probabilities of one teacher on the student's views (NaN on the images it does not speak for:
-    a fold teacher runs on its fold only), and the N images it speaks for."""
-    tcfg, cut, bank = teacher_bank(run_dir, cfg, train_recs, split_hash, cache_dir, progress)
+    a fold teacher runs on its fold only), and the N images it speaks for. `loaded`: the teacher's
+    `teacher_bank`, when the caller holds it already."""
+    tcfg, cut, bank = loaded or teacher_bank(run_dir, cfg, train_recs, split_hash, cache_dir, progress)
     mask = speaks_for(tcfg, train_recs)
     idx = np.flatnonzero(mask)
     logits = np.empty((bank.shape[0], len(idx), 7), np.float32)
@@ -79,9 +84,11 @@ def teacher_view_logp(run_dir: Path, cfg: TrainConfig, train_recs: list[Record],
 
 
 def teacher_targets(d: DistillConfig, cfg: TrainConfig, train_recs: list[Record], split_hash: str, run_root: Path,
-                    cache_dir: Path | None, progress: bool) -> np.ndarray:
+                    cache_dir: Path | None, progress: bool, loaded: dict[Path, LoadedTeacher] | None = None
+                    ) -> np.ndarray:
     """K x N x 7 ensemble log-probabilities, cached in the run folder as teacher_logp.npz (keyed by the teachers'
-    checkpoints); how close they sit to the labels goes to teacher_targets.json."""
+    checkpoints); how close they sit to the labels goes to teacher_targets.json. `loaded`: teachers the caller
+    holds already (the hint's), by run folder, so none is loaded twice."""
     dirs = [Path(t) for t in d.teachers]
     for t in dirs:
         if not (t / "best.pt").is_file():
@@ -95,7 +102,7 @@ def teacher_targets(d: DistillConfig, cfg: TrainConfig, train_recs: list[Record]
     total, count = None, np.zeros(len(train_recs))
     fitted_by_a_speaker = np.zeros(len(train_recs), bool)  # a teacher without a holdout fitted every image
     for t in dirs:
-        logp, mask = teacher_view_logp(t, cfg, train_recs, split_hash, cache_dir, progress)
+        logp, mask = teacher_view_logp(t, cfg, train_recs, split_hash, cache_dir, progress, (loaded or {}).get(t))
         total = np.zeros_like(logp) if total is None else total
         total[:, mask] += np.exp(logp[:, mask])
         count += mask

@@ -201,17 +201,19 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
         inputs = bank_inputs(model, cfg, spec, train_x, val_x, params, split_hash, device, cache_dir, progress)
     else:
         inputs = view_inputs(model, cfg, spec, train_x, val_x, params, device)
+    hint, loaded = None, {}
+    if r.distill is not None and r.distill.hint:
+        from dermtrain.distill import teacher_bank
+        from dermtrain.hints import FeatureHint
+        first = Path(r.distill.teachers[0])
+        loaded[first] = teacher_bank(first, cfg, train_recs, split_hash, cache_dir, progress)
+        hint = FeatureHint(model, r.distill.hint_at, loaded[first][2], spec.size)
     teacher = None
     if r.distill is not None:
         from dermtrain.distill import teacher_targets
         teacher = torch.from_numpy(teacher_targets(r.distill, cfg, train_recs, split_hash, run.root, cache_dir,
-                                                   progress))
-    hint = None
-    if r.distill is not None and r.distill.hint:
-        from dermtrain.distill import teacher_bank
-        from dermtrain.hints import FeatureHint
-        _, _, hint_bank = teacher_bank(Path(r.distill.teachers[0]), cfg, train_recs, split_hash, cache_dir, progress)
-        hint = FeatureHint(model, r.distill.hint_at, hint_bank, spec.size)
+                                                   progress, loaded))
+    del loaded  # the hint keeps the bank it needs; the teacher's model is not needed past its targets
 
     params_trainable = [p for m in inputs.trainable for p in m.parameters() if p.requires_grad]
     if hint is not None:

@@ -2,8 +2,8 @@
 # Reproduces the shipped models on 2 CPU cores, one training at a time (two at once halve each other, and two
 # PyTorch jobs fighting over the cores run 5x slower each):
 #   default   EfficientNet-Lite0 @192 fine-tuned from a 6-view feature bank    (runs/lite0-bank,     ~45 min)
-#   convnext  ConvNeXt-Atto @128 from scratch, distilled with a feature hint  (runs/convnext-hint,  ~2 h 5 min:
-#             a 12-view Lite0 bank 18 min, three fold teachers runs/xfit-0..2 41 min, their targets 7 min, 59 min)
+#   convnext  ConvNeXt-Atto @160 from scratch, distilled with a feature hint  (runs/convnext-hint,  ~2 h 35 min:
+#             a 12-view Lite0 bank 18 min, three fold teachers runs/xfit-0..2 41 min, their targets 7 min, 89 min)
 # then evaluates each on the test split (plain and with test-time flips), converts with the FP16 gate, installs
 # the bundles into engines/models, and regenerates the cards and the comparison table.
 # The distilled ConvNeXt (`--config convnext-distill --teachers runs/lite0-bank`) is not shipped: stopped at 16 of
@@ -21,7 +21,8 @@
 # `fit convnext-xfit docs/models/experiments/convnext_distill_2/config.json --views 12 --epochs 20
 #  --teachers runs/xfit-0 runs/xfit-1 runs/xfit-2` (42.7%) and a Lite0 one, `fit lite0-xfit lite0-bank --views 12
 #  --epochs 10 --teachers runs/xfit-0 runs/xfit-1 runs/xfit-2` (67.4%): not shipped. The previous convnext,
-# from scratch with the two-phase recipe (52.9%): `fit convnext_atto cpu` (docs/models/experiments/convnext_scratch/).
+# from scratch with the two-phase recipe (52.9%): `fit convnext_atto cpu` (docs/models/experiments/convnext_scratch/),
+# and the same hinted student at 128 px (62.2%): `fit convnext-hint128 docs/models/experiments/convnext_hint128/config.json`.
 # The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
 # (INT8 fails its gate for both: docs/int8.md).
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]
@@ -68,7 +69,7 @@ if [ "$stage" = all ] || [ "$stage" = ship ]; then
     --out docs/models/efficientnet_lite0.md --notes docs/models/notes/efficientnet_lite0.md \
     --copy-run docs/models/efficientnet_lite0/ --installed engines/models/efficientnet_lite0.onnx
   $BIN/python bench/model_card.py runs/convnext-hint build/models/convnext-hint.onnx --name convnext \
-    --title "ConvNeXt-Atto @ 128 px, from scratch, distilled from Lite0 teachers with a feature hint" \
+    --title "ConvNeXt-Atto @ 160 px, from scratch, distilled from Lite0 teachers with a feature hint" \
     --out docs/models/convnext_atto.md --notes docs/models/notes/convnext_atto.md \
     --copy-run docs/models/convnext_atto/ --installed engines/models/convnext_atto.onnx
   $BIN/python bench/compare_models.py default=runs/lite0-bank:build/models/lite0-bank.onnx \

@@ -205,18 +205,20 @@ def _hint_student(teacher_run, **recipe):
 
 
 def test_hinted_student_trains_on_the_teachers_bank_and_saves_its_projection(teacher_run, data_dir, split_csv, tmp_path, cache_dir, monkeypatch):
-    """A student with a feature hint trains on the teacher's cached bank (no new bank), loading that teacher once for
-    its targets and its hint, records the hint loss and saves its projection for a resume; the projection is not
-    part of the deployed model."""
+    """A student with a feature hint trains on the teacher's cached bank (no new bank, and none of the teacher's
+    images decoded to read it), loading that teacher once for its targets and its hint, records the hint loss and
+    saves its projection for a resume; the projection is not part of the deployed model."""
     import dermtrain.distill as distill
-    loads = []
-    load_teacher = distill.teacher_bank
+    loads, decodes = [], []
+    load_teacher, decode = distill.teacher_bank, distill.build_cache
     monkeypatch.setattr(distill, "teacher_bank", lambda run_dir, *a: loads.append(run_dir) or load_teacher(run_dir, *a))
+    monkeypatch.setattr(distill, "build_cache", lambda *a: decodes.append(a[2]) or decode(*a))
     banks = sorted(cache_dir.glob("bank-*.npy"))
     cfg = _hint_student(teacher_run, hint=1.0)
     out = tmp_path / "hinted"
     fit(cfg, data_dir, split_csv, out, progress=False)
     assert loads == [teacher_run]  # no targets were cached: the hint's teacher served them too
+    assert decodes == []  # the teacher's bank was on disk
     fit(cfg, data_dir, split_csv, out, resume=True, progress=False)  # loads the saved projection; no epoch left
     assert sorted(cache_dir.glob("bank-*.npy")) == banks
     hist = json.loads((out / "history.json").read_text())
@@ -227,7 +229,8 @@ def test_hinted_student_trains_on_the_teachers_bank_and_saves_its_projection(tea
     assert not any(k.startswith("proj") for k in torch.load(out / "best.pt", weights_only=False)["model"])
 
 
-def test_hint_follows_the_views_symmetry_and_reaches_the_early_stages(teacher_run, data_dir, split_csv, cache_dir):
+def test_hint_follows_the_views_symmetry_and_reaches_the_early_stages(teacher_run, data_dir, split_csv, cache_dir,
+                                                                      tmp_path):
     from torch import nn
 
     from dermtrain.data import load_records
@@ -239,6 +242,9 @@ def test_hint_follows_the_views_symmetry_and_reaches_the_early_stages(teacher_ru
     cfg = _hint_student(teacher_run, hint=1.0)
     recs = select(read_manifest(split_csv), load_records(data_dir), "train", cfg.limit, cfg.seed)
     _, _, bank = teacher_bank(teacher_run, cfg, recs, manifest_sha256(split_csv), None, False)
+    _, _, rebuilt = teacher_bank(teacher_run, cfg, recs, manifest_sha256(split_csv), tmp_path, False)
+    # an empty cache: the teacher's images decoded and the same bank built, within bfloat16 rounding
+    assert np.abs(rebuilt.astype(np.float32) - bank).max() <= 0.02 * np.abs(bank).max()
     torch.manual_seed(0)
     student = create_model("test_convnext")
     hint = FeatureHint(student, 3, bank, 48)

@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from engines.fsutil import atomic_path
 from engines.preprocess import PreprocessSpec
 
 BANK_VERSION = 1  # bump when what a bank holds changes: every cached bank is then rebuilt
+
+# The uint8 training images, decoded only when a bank has to be built: a cached bank needs none of their pixels.
+Images = Callable[[], np.ndarray]
 
 
 def view_params(n: int, views: int, cfg: AugmentConfig, seed: int) -> AugmentParams:
@@ -82,25 +86,27 @@ def early_features(cut: Cut, images_u8: np.ndarray, params: AugmentParams | None
     return out
 
 
-def bank_for(cfg: TrainConfig, cut: Cut, images_u8: np.ndarray, params: AugmentParams, spec: PreprocessSpec,
+def bank_for(cfg: TrainConfig, cut: Cut, images: Images, params: AugmentParams, spec: PreprocessSpec,
              split_sha256: str, cache_dir: Path | None = None, progress: bool = True) -> np.ndarray:
     """The bank a recipe config describes (its cut, views and precision), from the disk cache or built: the one
     place a teacher's training and a student's distillation agree on what its key is."""
     r = cfg.recipe
-    key = bank_key(cfg.model, cfg.init, r.freeze_at, r.views, spec, split_sha256, cfg.augment, cfg.seed,
-                   len(images_u8), r.bank_bf16)
-    return build_bank(cut, images_u8, params, spec, key, cache_dir or default_cache_dir(), progress, r.bank_bf16)
+    n = params.angle.shape[1]
+    key = bank_key(cfg.model, cfg.init, r.freeze_at, r.views, spec, split_sha256, cfg.augment, cfg.seed, n,
+                   r.bank_bf16)
+    return build_bank(cut, images, params, spec, key, cache_dir or default_cache_dir(), progress, r.bank_bf16)
 
 
-def build_bank(cut: Cut, images_u8: np.ndarray, params: AugmentParams, spec: PreprocessSpec, key: str,
+def build_bank(cut: Cut, images: Images, params: AugmentParams, spec: PreprocessSpec, key: str,
                cache_dir: Path | None, progress: bool = True, bf16: bool = True) -> np.ndarray:
     """K x N x C x h x w float16, from the disk cache when one with this key exists. bf16 autocast makes the
     build 2.6x faster on these CPUs (Lite0 @192: 180 vs 68 images/s); the features are stored as float16."""
     path = (cache_dir / f"bank-{key}.npy") if cache_dir else None
     if path is not None and path.is_file():
         bank = np.load(path)
-        if bank.shape[:2] == (params.angle.shape[0], len(images_u8)):
+        if bank.shape[:2] == tuple(params.angle.shape):
             return bank
+    images_u8 = images()
     k = params.angle.shape[0]
     bank = None
     for v in range(k):

@@ -54,10 +54,13 @@ def teacher_bank(run_dir: Path, cfg: TrainConfig, train_recs: list[Record], spli
 
     model, tcfg, tspec, state = load_run_model(run_dir)
     _check_compatible(str(run_dir), tcfg, cfg, state["split_sha256"], split_hash)
-    x, _ = build_cache(train_recs, tspec, f"caching train for teacher {run_dir.name}", progress)
-    params = view_params(len(x), tcfg.recipe.views, tcfg.augment, tcfg.seed)
+    params = view_params(len(train_recs), tcfg.recipe.views, tcfg.augment, tcfg.seed)
     cut = Cut(model, tcfg.recipe.freeze_at)
-    bank = bank_for(tcfg, cut, x, params, tspec, split_hash, cache_dir, progress)
+
+    def images() -> np.ndarray:  # at the teacher's own preprocessing; only when its bank is not cached
+        return build_cache(train_recs, tspec, f"caching train for teacher {run_dir.name}", progress)[0]
+
+    bank = bank_for(tcfg, cut, images, params, tspec, split_hash, cache_dir, progress)
     model.to(memory_format=torch.channels_last)  # in place: the cut runs the late stages channels-last
     return tcfg, cut, bank
 

@@ -134,7 +134,7 @@ def bank_inputs(model: nn.Module, cfg: TrainConfig, spec, train_x, val_x, params
     r = cfg.recipe
     cut = Cut(model, r.freeze_at)
     t0 = time.perf_counter()
-    bank = bank_for(cfg, cut, train_x, params, spec, split_hash, cache_dir, progress)
+    bank = bank_for(cfg, cut, lambda: train_x, params, spec, split_hash, cache_dir, progress)
     seconds = time.perf_counter() - t0
     val_feats = early_features(cut, val_x, None, spec, desc="validation features", progress=progress)
 

@@ -198,6 +198,24 @@ def test_distilled_student(teacher_run, data_dir, split_csv, tmp_path, cache_dir
         fit(bad, data_dir, split_csv, tmp_path / "bad", progress=False)
 
 
+def test_a_students_second_seed_keeps_its_teachers_views(teacher_run, data_dir, split_csv, tmp_path, cache_dir):
+    """--train-seed draws another student (weights, order) on the same views, so the same teachers still serve it;
+    unset, it is --seed; --seed itself would change the views, which the teachers refuse."""
+    cfg = with_overrides(load_config("convnext-distill"), model="test_convnext", teachers=(str(teacher_run),),
+                         **{**BANK, "img_size": 48, "epochs": 1})
+
+    def weights(out, **kw):
+        fit(with_overrides(cfg, **kw), data_dir, split_csv, out, progress=False)
+        return torch.load(out / "last.pt", weights_only=False)["model"]
+
+    w, w0, w1 = weights(tmp_path / "a"), weights(tmp_path / "b", train_seed=0), weights(tmp_path / "c", train_seed=1)
+    assert all(torch.equal(w[k], w0[k]) for k in w)
+    assert not all(torch.equal(w[k], w1[k]) for k in w)
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["recipe"]["train_seed"] == 1
+    with pytest.raises(ConfigError, match="seed"):
+        fit(with_overrides(cfg, seed=1), data_dir, split_csv, tmp_path / "d", progress=False)
+
+
 def _hint_student(teacher_run, **recipe):
     cfg = with_overrides(load_config("convnext-distill"), model="test_convnext", teachers=(str(teacher_run),),
                          **{**BANK, "img_size": 48})

@@ -56,7 +56,7 @@ def cmd_fit(a) -> int:
                          epochs_head=a.epochs_head, epochs_tune=a.epochs_tune, init=a.init,
                          pretrained=True if a.pretrained else None, seed=a.seed, batch_size=a.batch_size,
                          threads=a.threads, sampling=a.sampling, epochs=a.epochs, views=a.views,
-                         freeze_at=a.freeze_at, holdout=a.holdout,
+                         freeze_at=a.freeze_at, holdout=a.holdout, train_seed=a.train_seed,
                          teachers=tuple(a.teachers) if a.teachers else None)
     res = fit(cfg, resolve_data_dir(a.data), Path(a.split), Path(a.out), resume=a.resume, progress=not a.quiet,
               device=a.device)
@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teachers", nargs="+", help="fast path: teacher run folders to distil from")
     p.add_argument("--holdout", type=_holdout, metavar="FOLD/FOLDS",
                    help="fast path: train without one lesion fold of the training split (cross-fitted teachers)")
+    p.add_argument("--train-seed", type=int,
+                   help="fast path: the run's own draws (initial weights, order, views per step; default: --seed). "
+                        "--seed also fixes the views, which a student shares with its teachers")
     p.add_argument("--device", default="auto", help="fast path: auto (CUDA when torch sees one), cpu, cuda, cuda:N")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true")

@@ -55,6 +55,10 @@ class Recipe:
     dihedral: bool = False  # freeze_at 0 only: each step also flips / transposes its views at random
     holdout: tuple[int, int] | None = None  # (fold, folds): train without that lesion fold (`dermtrain.folds`)
     distill: DistillConfig | None = None
+    # The run's own draws (initial weights, sampling order, each step's view, drop-path); None: the config's `seed`.
+    # `seed` also fixes the views, which a student must share with its teachers: a second seed of one student
+    # changes this one.
+    train_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,8 @@ def with_overrides(cfg: TrainConfig, **kw) -> TrainConfig:
         kw["phase1"] = replace(cfg.phase1, epochs=kw.pop("epochs_head"))
     if "epochs_tune" in kw:
         kw["phase2"] = replace(cfg.phase2, epochs=kw.pop("epochs_tune"))
-    recipe_kw = {k: kw.pop(k) for k in ("epochs", "views", "freeze_at", "holdout", "teachers") if k in kw}
+    recipe_kw = {k: kw.pop(k) for k in ("epochs", "views", "freeze_at", "holdout", "teachers", "train_seed")
+                 if k in kw}
     if recipe_kw:
         if cfg.recipe is None:
             flags = ", ".join("--" + k.replace("_", "-") for k in recipe_kw)

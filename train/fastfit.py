@@ -177,7 +177,8 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
         raise ResumeError(f"{run.root}: already holds a run; pass --resume to continue it or pick a new --out")
 
     spec = preprocess_spec(cfg)
-    torch.manual_seed(cfg.seed)
+    seed = cfg.seed if r.train_seed is None else r.train_seed  # the run's draws; cfg.seed keeps fixing the views
+    torch.manual_seed(seed)
     model = create_model(cfg.model, cfg.pretrained, cfg.init, cfg.drop_rate, cfg.drop_path_rate)
     model = model.to(device).to(memory_format=torch.channels_last)
     records = load_records(data_dir)
@@ -245,10 +246,10 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
     bias_key = classifier_bias_key(model)
 
     for epoch in range(start, r.epochs):
-        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = fitted[sample_order(train_y[fitted], cfg.sampling, g).numpy()]
         view = torch.randint(r.views, (n,), generator=g).numpy()
-        torch.manual_seed(cfg.seed * 1_000 + epoch)  # dropout / drop-path draws replay on resume
+        torch.manual_seed(seed * 1_000 + epoch)  # dropout / drop-path draws replay on resume
         for m in inputs.trainable:
             m.train()
         t0 = time.perf_counter()

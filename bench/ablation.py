@@ -2,9 +2,12 @@
 bank, one change at a time, then docs/ablation.md. Each run resumes if stopped; finished runs are not redone.
 
     python bench/ablation.py --data $DERM_DATA [--epochs 15] [--only base,focal,...]   -> docs/ablation_runs.md
+    python bench/ablation.py --views 12 --epochs 9 --base runs/lite0-v12-e9 --out runs/ablation-v12 \
+        --doc docs/ablation_runs_v12.md --only no_ema,no_smoothing     # on the cached 12-view bank
 
 The test split is never read. The freeze_* and views_* variants change the bank, so each builds (and caches) its own
-first; resolution also changes the bank: not in this table yet.
+first; resolution also changes the bank: not in this table yet. `--base RUN` takes a finished run of the very same
+config as the base row instead of training it again (training here is deterministic: one config, one history).
 """
 from __future__ import annotations
 
@@ -34,30 +37,45 @@ VARIANTS = {
 }
 
 
-def config_for(name: str, epochs: int):
+def config_for(name: str, epochs: int, views: int | None = None):
     from dermtrain.config import load_config
     cfg = load_config("lite0-bank")
-    return replace(cfg, recipe=replace(cfg.recipe, epochs=epochs, **VARIANTS[name][1]))
+    r = replace(cfg.recipe, epochs=epochs, **({"views": views} if views else {}))
+    return replace(cfg, recipe=replace(r, **VARIANTS[name][1]))
 
 
-def run(name: str, epochs: int, data: str, split: str, out: Path) -> None:
+def adopt_base(base: Path, epochs: int, views: int | None, out: Path) -> None:
+    """Link a finished run as the base row, if its config is the base config (the description aside)."""
+    from dermtrain.config import from_dict
+    saved = json.loads((base / "config.json").read_text())
+    if from_dict(saved).to_dict() != config_for("base", epochs, views).to_dict():
+        raise SystemExit(f"error: {base}: its config.json is not the base config for --epochs {epochs}"
+                         + (f" --views {views}" if views else ""))
+    if len(json.loads((base / "history.json").read_text())) < epochs:
+        raise SystemExit(f"error: {base}: has not finished its {epochs} epochs")
+    link = out / "base"
+    if not link.exists():
+        link.symlink_to(base.resolve(), target_is_directory=True)
+
+
+def run(name: str, epochs: int, views: int | None, data: str, split: str, out: Path) -> None:
     from engines.fsutil import write_json
     run_dir = out / name
     hist = run_dir / "history.json"
     if hist.is_file() and len(json.loads(hist.read_text())) >= epochs:
         return
     cfg_file = out / f"{name}.json"
-    write_json(cfg_file, config_for(name, epochs).to_dict())
+    write_json(cfg_file, config_for(name, epochs, views).to_dict())
     cmd = [str(ROOT / ".venv/bin/dermtrain"), "fit", "--config", str(cfg_file), "--data", data, "--split", split,
            "--out", str(run_dir), "--quiet"] + (["--resume"] if (run_dir / "last.pt").is_file() else [])
     subprocess.run(cmd, check=True)
 
 
-def table(out: Path, epochs: int) -> str:
+def table(out: Path, epochs: int, views: int | None, command: str) -> str:
     lines = [f"# Recipe ablation (validation split only, {epochs} epochs each on the cached Lite0 bank)", "",
-             "EfficientNet-Lite0 @192, blocks 0-3 frozen into the 6-view feature bank (freeze_*: fewer), the rest trained;",
-             "the best epoch by validation balanced accuracy, with its chosen prior shift. Command: "
-             f"`python bench/ablation.py --epochs {epochs}`. The test split is never read.", "",
+             f"EfficientNet-Lite0 @192, blocks 0-3 frozen into the {views or 6}-view feature bank (freeze_*: fewer), the "
+             "rest trained; the best epoch by validation balanced accuracy, with its chosen prior shift. Command: "
+             f"`{command}`. The test split is never read.", "",
              "| variant | what changes | val balanced accuracy | val accuracy | val melanoma recall (argmax) | prior shift | epoch |",
              "|---|---|---|---|---|---|---|"]
     for name, (what, _) in VARIANTS.items():
@@ -77,6 +95,8 @@ def main() -> int:
     ap.add_argument("--data", default="../shared/data/ham10000")
     ap.add_argument("--split", default=str(ROOT / "splits/ham10000_seed0.csv"))
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--views", type=int, help="views per training image for every variant (default: the preset's 6)")
+    ap.add_argument("--base", type=Path, help="a finished run of the base config to use as the base row")
     ap.add_argument("--only", help="comma-separated variant names, in this order")
     ap.add_argument("--out", default=str(ROOT / "runs/ablation"))
     ap.add_argument("--doc", default=str(ROOT / "docs/ablation_runs.md"))
@@ -84,9 +104,15 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     names = a.only.split(",") if a.only else list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: --only: unknown variants {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    if a.base:
+        adopt_base(a.base, a.epochs, a.views, out)
+    command = "python bench/ablation.py " + " ".join(sys.argv[1:])
     for name in names:
-        run(name, a.epochs, a.data, a.split, out)
-        Path(a.doc).write_text(table(out, a.epochs))
+        run(name, a.epochs, a.views, a.data, a.split, out)
+        Path(a.doc).write_text(table(out, a.epochs, a.views, command))
     print(Path(a.doc).read_text())
     return 0
 

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=_holdout, metavar="FOLD/FOLDS",
                    help="fast path: train without one lesion fold of the training split (cross-fitted teachers)")
     p.add_argument("--train-seed", type=int,
-                   help="fast path: the run's own draws (initial weights, order, views per step; default: --seed). "
+                   help="fast path: the run's own draws (initial weights, order, each step's view; default: --seed). "
                         "--seed also fixes the views, which a student shares with its teachers")
     p.add_argument("--device", default="auto", help="fast path: auto (CUDA when torch sees one), cpu, cuda, cuda:N")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

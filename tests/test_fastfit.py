@@ -146,11 +146,16 @@ def test_a_sqrt_sampled_run_adjusts_for_the_flattened_prior(teacher_run, data_di
     assert np.allclose(sampled, flattened, atol=1e-5) and np.ptp(sampled) < np.ptp(natural)
 
 
-def test_a_run_on_a_cached_bank_repeats_the_run_that_built_it(teacher_run, data_dir, split_csv, cache_dir, tmp_path):
-    """The second run loads the bank from the cache (no early stage runs for it): its validation figures, computed
-    with early stages it did not freeze itself, must be those of the first run."""
+def test_a_run_on_a_cached_bank_repeats_the_run_that_built_it(teacher_run, data_dir, split_csv, cache_dir, tmp_path,
+                                                              monkeypatch):
+    """The second run loads the bank from the cache (no early stage runs for it, and no training image decoded):
+    its validation figures, computed with early stages it did not freeze itself, must be those of the first run."""
+    import dermtrain.fastfit as fastfit
+    decodes, decode = [], fastfit.build_cache
+    monkeypatch.setattr(fastfit, "build_cache", lambda *a: decodes.append(a[2]) or decode(*a))
     before = {p: p.stat().st_mtime_ns for p in cache_dir.glob("bank-*.npy")}
     fit(bank_config(), data_dir, split_csv, tmp_path / "again", progress=False)
+    assert decodes == ["caching val"]
     first = json.loads((teacher_run / "history.json").read_text())
     again = json.loads((tmp_path / "again" / "history.json").read_text())
     assert {p: p.stat().st_mtime_ns for p in cache_dir.glob("bank-*.npy")} == before

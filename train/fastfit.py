@@ -27,8 +27,8 @@ from torch import nn
 from tqdm import tqdm
 
 from dermtrain.augment import AugmentParams, apply_dihedral, draw_dihedral
-from dermtrain.bank import bank_for, early_features, make_views, view_params
-from dermtrain.cache import build_cache
+from dermtrain.bank import Images, bank_for, early_features, make_views, view_params
+from dermtrain.cache import build_cache, labels_of
 from dermtrain.config import Recipe, TrainConfig
 from dermtrain.data import load_records
 from dermtrain.fit import (SAMPLING_POWER, RunFiles, ResumeError, amp_context, code_version, load_resume,
@@ -129,12 +129,12 @@ class Inputs:
     bank_seconds: float = 0.0
 
 
-def bank_inputs(model: nn.Module, cfg: TrainConfig, spec, train_x, val_x, params: AugmentParams, split_hash: str,
-                device: torch.device, cache_dir: Path | None, progress: bool) -> Inputs:
+def bank_inputs(model: nn.Module, cfg: TrainConfig, spec, train_images: Images, val_x, params: AugmentParams,
+                split_hash: str, device: torch.device, cache_dir: Path | None, progress: bool) -> Inputs:
     r = cfg.recipe
     cut = Cut(model, r.freeze_at)
     t0 = time.perf_counter()
-    bank = bank_for(cfg, cut, lambda: train_x, params, spec, split_hash, cache_dir, progress)
+    bank = bank_for(cfg, cut, train_images, params, spec, split_hash, cache_dir, progress)
     seconds = time.perf_counter() - t0
     val_feats = early_features(cut, val_x, None, spec, desc="validation features", progress=progress)
 
@@ -189,9 +189,12 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
     write_run_files(run, cfg, split_path, split_hash, data_dir, spec,
                     {"n_train": len(train_recs), "n_fitted": len(fitted), "n_val": len(val_recs),
                      "device": str(device), "path": "fast"})
-    train_x, train_y = build_cache(train_recs, spec, "caching train", progress)
+    train_y = labels_of(train_recs)
     val_x, val_y = build_cache(val_recs, spec, "caching val", progress)
-    params = view_params(len(train_x), r.views, cfg.augment, cfg.seed)
+    params = view_params(len(train_recs), r.views, cfg.augment, cfg.seed)
+
+    def train_images() -> np.ndarray:  # a bank run needs them only when its bank is not cached
+        return build_cache(train_recs, spec, "caching train", progress)[0]
     # The class prior the loss sees: the fitted images' frequencies, flattened by class-balanced sampling.
     counts = np.bincount(train_y[fitted], minlength=K).astype(np.float64) + 1.0
     counts **= 1 - SAMPLING_POWER[cfg.sampling]
@@ -199,9 +202,9 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
     log_prior = torch.from_numpy(log_prior_np).to(device)
 
     if r.freeze_at:
-        inputs = bank_inputs(model, cfg, spec, train_x, val_x, params, split_hash, device, cache_dir, progress)
+        inputs = bank_inputs(model, cfg, spec, train_images, val_x, params, split_hash, device, cache_dir, progress)
     else:
-        inputs = view_inputs(model, cfg, spec, train_x, val_x, params, device)
+        inputs = view_inputs(model, cfg, spec, train_images(), val_x, params, device)
     hint, loaded = None, {}
     if r.distill is not None and r.distill.hint:
         from dermtrain.distill import teacher_bank

@@ -2,8 +2,8 @@
 # Reproduces the shipped models on 2 CPU cores, one training at a time (two at once halve each other, and two
 # PyTorch jobs fighting over the cores run 5x slower each):
 #   default   EfficientNet-Lite0 @192 fine-tuned from a 6-view feature bank    (runs/lite0-bank,     ~45 min)
-#   convnext  ConvNeXt-Atto @160 from scratch, distilled with a feature hint  (runs/convnext-hint,  ~2 h 35 min:
-#             a 12-view Lite0 bank 18 min, three fold teachers runs/xfit-0..2 41 min, their targets 7 min, 89 min)
+#   convnext  ConvNeXt-Femto @160 from scratch, distilled with a feature hint (runs/convnext-femto, ~3 h 10 min:
+#             a 12-view Lite0 bank 18 min, three fold teachers runs/xfit-0..2 41 min, their targets 7 min, 2 h 1 min)
 # then evaluates each on the test split (plain and with test-time flips), converts with the FP16 gate, installs
 # the bundles into engines/models, and regenerates the cards and the comparison table.
 # The distilled ConvNeXt (`--config convnext-distill --teachers runs/lite0-bank`) is not shipped: stopped at 16 of
@@ -22,7 +22,8 @@
 #  --teachers runs/xfit-0 runs/xfit-1 runs/xfit-2` (42.7%) and a Lite0 one, `fit lite0-xfit lite0-bank --views 12
 #  --epochs 10 --teachers runs/xfit-0 runs/xfit-1 runs/xfit-2` (67.4%): not shipped. The previous convnext,
 # from scratch with the two-phase recipe (52.9%): `fit convnext_atto cpu` (docs/models/experiments/convnext_scratch/),
-# and the same hinted student at 128 px (62.2%): `fit convnext-hint128 docs/models/experiments/convnext_hint128/config.json`.
+# the same hinted student on ConvNeXt-Atto at 128 px (62.2%): `fit convnext-hint128 docs/models/experiments/convnext_hint128/config.json`
+# and at 160 px (63.5%, shipped until 2026-12-02): `fit convnext-hint docs/models/experiments/convnext_atto160/config.json`.
 # The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
 # (INT8 fails its gate for both: docs/int8.md).
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]
@@ -47,20 +48,20 @@ fit() {  # fit RUN CONFIG [args...]: train, or continue a stopped run
 if [ "$stage" = all ] || [ "$stage" = train ]; then
   fit lite0-bank lite0-bank
   for f in 0 1 2; do fit xfit-$f lite0-bank --views 12 --epochs 10 --holdout $f/3; done
-  fit convnext-hint convnext-hint
+  fit convnext-femto convnext-hint
 fi
 
 if [ "$stage" = all ] || [ "$stage" = ship ]; then
   mkdir -p build/models
-  for run in lite0-bank convnext-hint; do
+  for run in lite0-bank convnext-femto; do
     $BIN/dermtrain eval runs/$run --data "$DATA" --split-name test --quiet
     $BIN/dermtrain eval runs/$run --data "$DATA" --split-name test --tta flip --quiet
     $BIN/dermconvert runs/$run --onnx build/models/$run.onnx --fp16 --data "$DATA"
   done
   cp build/models/lite0-bank.onnx engines/models/efficientnet_lite0.onnx
-  cp build/models/convnext-hint.onnx engines/models/convnext_atto.onnx
+  cp build/models/convnext-femto.onnx engines/models/convnext_femto.onnx
   # the gated FP16 files travel with them (dermconvert deletes one that fails its gate)
-  for pair in lite0-bank:efficientnet_lite0 convnext-hint:convnext_atto; do
+  for pair in lite0-bank:efficientnet_lite0 convnext-femto:convnext_femto; do
     src=build/models/${pair%%:*}.fp16.onnx
     if [ -f "$src" ]; then cp "$src" "engines/models/${pair##*:}.fp16.onnx"; else rm -f "engines/models/${pair##*:}.fp16.onnx"; fi
   done
@@ -68,11 +69,11 @@ if [ "$stage" = all ] || [ "$stage" = ship ]; then
     --title "EfficientNet-Lite0 @ 192 px, feature-bank fine-tuning (the default model)" \
     --out docs/models/efficientnet_lite0.md --notes docs/models/notes/efficientnet_lite0.md \
     --copy-run docs/models/efficientnet_lite0/ --installed engines/models/efficientnet_lite0.onnx
-  $BIN/python bench/model_card.py runs/convnext-hint build/models/convnext-hint.onnx --name convnext \
-    --title "ConvNeXt-Atto @ 160 px, from scratch, distilled from Lite0 teachers with a feature hint" \
-    --out docs/models/convnext_atto.md --notes docs/models/notes/convnext_atto.md \
-    --copy-run docs/models/convnext_atto/ --installed engines/models/convnext_atto.onnx
+  $BIN/python bench/model_card.py runs/convnext-femto build/models/convnext-femto.onnx --name convnext \
+    --title "ConvNeXt-Femto @ 160 px, from scratch, distilled from Lite0 teachers with a feature hint" \
+    --out docs/models/convnext_femto.md --notes docs/models/notes/convnext_femto.md \
+    --copy-run docs/models/convnext_femto/ --installed engines/models/convnext_femto.onnx
   $BIN/python bench/compare_models.py default=runs/lite0-bank:build/models/lite0-bank.onnx \
-    convnext=runs/convnext-hint:build/models/convnext-hint.onnx --scan "$DATA/images" \
+    convnext=runs/convnext-femto:build/models/convnext-femto.onnx --scan "$DATA/images" \
     --out docs/models/comparison.md
 fi

@@ -2,14 +2,15 @@
 came from, on real validation images. A failing gate ships nothing."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from dermtrain.metrics import balanced_accuracy, binary_rates, confusion, melanoma_at_argmax
 from engines.engine import Engine
-from engines.fsutil import write_json, write_text
+from engines.fsutil import sha256_file, write_json, write_text
 from engines.labels import MEL_INDEX
 
 
@@ -81,10 +82,23 @@ def compare(reference: Engine, candidate: Engine, batch: np.ndarray, labels: np.
     return r
 
 
-def write_report(results: list[GateResult], json_path: Path, extra: dict) -> None:
-    """OUT.parity.json (the first candidate's figures at top level, every candidate under `candidates`) and .md."""
+def write_report(results: list[GateResult], reference: Path, extra: dict) -> Path:
+    """REFERENCE.parity.json (the first candidate's figures at top level, every candidate under `candidates`) and .md.
+    One report per FP32 file: a later `derive` or `verify` of the same file keeps what the conversion measured (its
+    PyTorch parity, the candidates it does not gate again); a new FP32 file starts a new report."""
+    json_path = reference.with_name(reference.name.removesuffix(".onnx") + ".parity.json")
+    digest = sha256_file(reference)
+    prior = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    if prior.get("reference_sha256") != digest:
+        prior = {}
+    gate_keys = {f.name for f in fields(GateResult)}
+    by_name = {c["candidate"]: GateResult(**c) for c in prior.get("candidates", [])}
+    by_name.update((r.candidate, r) for r in results)  # a candidate gated again keeps its place
+    results = list(by_name.values())
+    extra = {**{k: v for k, v in prior.items() if k not in gate_keys | {"candidates", "reference_sha256"}},
+             **extra, "reference_sha256": digest}
     head = asdict(results[0]) if results else {}
-    write_json(json_path, {**head, "passed": all(r.passed for r in results), **extra,
+    write_json(json_path, {**head, **extra, "passed": all(r.passed for r in results),
                            "candidates": [asdict(r) for r in results]})
     lines = ["# Conversion parity report", ""]
     for k, v in extra.items():
@@ -105,3 +119,4 @@ def write_report(results: list[GateResult], json_path: Path, extra: dict) -> Non
               for r in results if r.speed]
     lines.append("")
     write_text(json_path.with_suffix(".md"), "\n".join(lines))
+    return json_path

@@ -108,8 +108,7 @@ def convert(src: Path, out: Path, fp16: bool = False, engine: Path | None = None
         _reduced_precisions(ref, res, extra, data, split, batch, labels, fp16, int8, calib_images, int8_signed, log)
         res.engine = _maybe_engine(res, engine, engine_precision, ref, batch, labels, max_batch, log)
         if labels is not None:
-            res.parity_report = sibling(out, ".parity.json")
-            write_report(res.gates, res.parity_report, extra)
+            res.parity_report = write_report(res.gates, out, extra)
     for n in res.notes:
         log(n)
     return res
@@ -218,8 +217,7 @@ def derive(fp32_onnx: Path, data: Path, split: Path, fp16: bool, int8: bool, lim
     res = ConvertResult(onnx=fp32_onnx)
     extra: dict = {"reference": str(fp32_onnx), "images": f"{len(labels)} validation images of {split}"}
     _reduced_precisions(ref, res, extra, data, split, batch, labels, fp16, int8, calib_images, int8_signed, log)
-    res.parity_report = sibling(fp32_onnx, ".parity.json")
-    write_report(res.gates, res.parity_report, extra)
+    res.parity_report = write_report(res.gates, fp32_onnx, extra)
     return res
 
 
@@ -253,6 +251,5 @@ def verify(fp32_onnx: Path, data: Path, split: Path, fp16_onnx: Path | None = No
         raise ConvertError(f"{fp32_onnx}: nothing to verify (no FP16 or INT8 ONNX beside it; pass --engine for a TensorRT engine)")
     for g in results:
         log(_gate_line(g))
-    write_report(results, sibling(fp32_onnx, ".parity.json"), {"reference": str(fp32_onnx),
-                                                               "images": f"{len(labels)} validation images of {split}"})
+    write_report(results, fp32_onnx, {"reference": str(fp32_onnx), "images": f"{len(labels)} validation images of {split}"})
     return results

@@ -149,3 +149,27 @@ def test_derive_gates_files_from_an_onnx_without_its_checkpoint(tiny_run, tiny_o
     assert rc == 0 and report["passed"] and [c["candidate"] for c in report["candidates"]] == ["FP16 ONNX (ONNX Runtime CPU)"]
     assert OrtEngine(model.with_name("m.fp16.onnx")).bundle.precision == "fp16"
     assert main(["derive", str(model), "--data", str(data_dir), "--split", str(tiny_run / "split.csv")]) == 2
+
+
+def test_derive_adds_to_the_conversions_report_of_the_same_file_only(tiny_run, tiny_onnx, data_dir, tmp_path):
+    """A later `derive --int8` must not erase what `dermconvert RUN` measured on the same FP32 file (its PyTorch
+    parity and FP16 gate, which the model card reports); a report made for another file is not carried over."""
+    from dermconvert.cli import main
+
+    model = tmp_path / "m.onnx"
+    shutil.copy(tiny_onnx, model)
+    shutil.copy(tiny_onnx.with_name("model.parity.json"), model.with_name("m.parity.json"))
+    args = ["derive", str(model), "--int8", "--data", str(data_dir), "--split", str(tiny_run / "split.csv"),
+            "--limit", "120", "--calib-images", "64"]
+    main(args)
+    report = json.loads(model.with_name("m.parity.json").read_text())
+    assert [c["candidate"] for c in report["candidates"]] == ["FP16 ONNX (ONNX Runtime CPU)", "INT8 ONNX (ONNX Runtime CPU)"]
+    assert report["torch_parity"]["top1_agreement"] == 1.0 and report["candidate"].startswith("FP16")
+    assert "PyTorch vs ONNX Runtime FP32" in model.with_name("m.parity.md").read_text()
+
+    report["reference_sha256"] = "0" * 64  # as if written for another FP32 file
+    model.with_name("m.parity.json").write_text(json.dumps(report))
+    main(args)
+    report = json.loads(model.with_name("m.parity.json").read_text())
+    assert [c["candidate"] for c in report["candidates"]] == ["INT8 ONNX (ONNX Runtime CPU)"]
+    assert "torch_parity" not in report

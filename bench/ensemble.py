@@ -2,11 +2,17 @@
 temperature, averaged; the ensemble's temperature and melanoma threshold (>= 90% sensitivity) fitted on validation.
 
     python bench/ensemble.py runs/lite0-bank runs/lite1-bank [--tta flip] [--out docs/models/experiments/ensemble.md]
+
+A member may also be a shipped ONNX bundle whose run folder is not on this machine: its logits on the validation
+and test images of --split are computed with ONNX Runtime (the bundle's own preprocessing and temperature).
+
+    python bench/ensemble.py engines/models/efficientnet_lite0.onnx runs/lite1-bank --data $DERM_DATA
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,8 +28,30 @@ def load(run: Path, tta: str) -> tuple[dict, float]:
     return d, float(json.loads((run / "calibration.json").read_text())["temperature"])
 
 
+def load_onnx(onnx_path: Path, split: Path, data: Path, tta: str) -> tuple[dict, float]:
+    """What `load` reads from a run folder (validation and test logits and labels), from an ONNX bundle."""
+    from dermtrain.cache import build_cache
+    from dermtrain.data import load_records
+    from dermtrain.splits import read_manifest, select
+    from engines.onnx_backend import OrtEngine
+    from engines.preprocess import normalize
+    eng = OrtEngine(onnx_path, "cpu")
+    spec, rows, records = eng.bundle.preprocess, read_manifest(split), load_records(data)
+    out = {}
+    for prefix, split_name in (("", "test"), ("val_", "val")):
+        x, y = build_cache(select(rows, records, split_name), spec, f"{onnx_path.name}: {split_name}")
+        out[f"{prefix}logits"] = np.concatenate([eng.logits(normalize(x[i:i + 64], spec), tta)[0]
+                                                 for i in range(0, len(x), 64)])
+        out[f"{prefix}labels"] = y
+    return out, eng.bundle.temperature
+
+
 def log_probs(logits: np.ndarray, temperature: float) -> np.ndarray:
     return np.log(np.clip(softmax(logits, temperature), 1e-12, None))
+
+
+def member_name(path: Path) -> str:
+    return path.stem if path.suffix == ".onnx" else path.name
 
 
 def row(name: str, s: dict) -> str:
@@ -35,11 +63,16 @@ def row(name: str, s: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("runs", nargs="+", type=Path, help="run folders (after `dermtrain eval`) or ONNX bundles")
     ap.add_argument("--tta", default="none", choices=("none", "flip"))
+    ap.add_argument("--split", type=Path, default=Path("splits/ham10000_seed0.csv"), help="for ONNX members")
+    ap.add_argument("--data", type=Path, default=os.environ.get("DERM_DATA"), help="for ONNX members")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
-    loaded = [load(r, a.tta) for r in a.runs]
+    if any(r.suffix == ".onnx" for r in a.runs) and a.data is None:
+        print("ensemble: error: an ONNX member needs the images: --data or $DERM_DATA", file=sys.stderr)
+        return 2
+    loaded = [load_onnx(r, a.split, a.data, a.tta) if r.suffix == ".onnx" else load(r, a.tta) for r in a.runs]
     labels, val_labels = loaded[0][0]["labels"], loaded[0][0]["val_labels"]
     for r, (d, _) in zip(a.runs, loaded):
         if not (np.array_equal(d["labels"], labels) and np.array_equal(d["val_labels"], val_labels)):
@@ -47,10 +80,10 @@ def main(argv=None) -> int:
             return 2
     lines = ["| model | accuracy | balanced acc | recall akiec / bcc / bkl / df / mel / nv / vasc | "
              "melanoma recall / specificity at the threshold |", "|---|---|---|---|---|"]
-    members = [(r.name, d["val_logits"], d["logits"], t) for r, (d, t) in zip(a.runs, loaded)]
+    members = [(member_name(r), d["val_logits"], d["logits"], t) for r, (d, t) in zip(a.runs, loaded)]
     ens_val = np.mean([log_probs(v, t) for _, v, _, t in members], axis=0)
     ens_test = np.mean([log_probs(x, t) for _, _, x, t in members], axis=0)
-    members.append(("ensemble of " + " + ".join(r.name for r in a.runs), ens_val, ens_test, None))
+    members.append(("ensemble of " + " + ".join(member_name(r) for r in a.runs), ens_val, ens_test, None))
     for name, val, test, t in members:
         temperature = fit_temperature(val, val_labels) if t is None else t
         thr = threshold_for_sensitivity(softmax(val, temperature)[:, MEL_INDEX], val_labels == MEL_INDEX, 0.90)

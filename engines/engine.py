@@ -78,13 +78,18 @@ class Engine(ABC):
         cam = np.concatenate([o[1] for o in outs]) if outs[0][1] is not None else None
         return logits, cam
 
-    def infer(self, batch: np.ndarray, tta: str = "none") -> tuple[np.ndarray, np.ndarray | None]:
-        """Preprocessed batch -> (calibrated probabilities, CAM). `tta="flip"` averages the logits of the
-        image and its horizontal, vertical and double flips."""
+    def logits(self, batch: np.ndarray, tta: str = "none") -> tuple[np.ndarray, np.ndarray | None]:
+        """Preprocessed batch -> (logits, CAM). `tta="flip"` averages the logits of the image and its
+        horizontal, vertical and double flips."""
         logits, cam = self.forward(batch)
         if tta == "flip":
             flipped = flip_views(batch)[1:]
             logits = np.mean([logits] + [self.forward(np.ascontiguousarray(v))[0] for v in flipped], axis=0)
+        return logits, cam
+
+    def infer(self, batch: np.ndarray, tta: str = "none") -> tuple[np.ndarray, np.ndarray | None]:
+        """Preprocessed batch -> (calibrated probabilities, CAM), over the test-time views of `logits`."""
+        logits, cam = self.logits(batch, tta)
         return softmax(logits, self.bundle.temperature).astype(np.float32), cam
 
     def predict(self, images: list[np.ndarray], tta: str = "none") -> list[Prediction]:

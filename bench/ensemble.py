@@ -72,7 +72,22 @@ def main(argv=None) -> int:
     if any(r.suffix == ".onnx" for r in a.runs) and a.data is None:
         print("ensemble: error: an ONNX member needs the images: --data or $DERM_DATA", file=sys.stderr)
         return 2
-    loaded = [load_onnx(r, a.split, a.data, a.tta) if r.suffix == ".onnx" else load(r, a.tta) for r in a.runs]
+    from dermtrain.data import DataError
+    from engines.bundle import BundleError
+    loaded = []
+    for r in a.runs:
+        try:
+            loaded.append(load_onnx(r, a.split, a.data, a.tta) if r.suffix == ".onnx" else load(r, a.tta))
+        except (BundleError, DataError) as e:  # their messages name the file already
+            print(f"ensemble: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"ensemble: error: {e.filename or r}: {e.strerror or e} (a run folder needs `dermtrain eval RUN "
+                  f"--split-name test{'' if a.tta == 'none' else ' --tta ' + a.tta}` first)", file=sys.stderr)
+            return 2
+        except (KeyError, ValueError) as e:
+            print(f"ensemble: error: {r}: unreadable logits or calibration ({e})", file=sys.stderr)
+            return 2
     labels, val_labels = loaded[0][0]["labels"], loaded[0][0]["val_labels"]
     for r, (d, _) in zip(a.runs, loaded):
         if not (np.array_equal(d["labels"], labels) and np.array_equal(d["val_labels"], val_labels)):

@@ -140,3 +140,25 @@ def test_model_without_metadata_is_refused(tmp_path):
     torch.onnx.export(model, (torch.zeros(1, 3, 64, 64),), str(tmp_path / "plain.onnx"), opset_version=17, dynamo=False)
     with pytest.raises(BundleError, match="not a DermEdge model"):
         OrtEngine(tmp_path / "plain.onnx")
+
+
+def test_engine_logits_reproduce_the_evaluated_run_and_infer_calibrates_them(tiny_run, tiny_onnx, data_dir):
+    """What bench/ensemble relies on for a shipped ONNX member: its logits on the split's images are the ones
+    `dermtrain eval` saved, and infer is their softmax at the bundle's temperature, flips included."""
+    from dermtrain.cache import build_cache
+    from dermtrain.data import load_records
+    from dermtrain.splits import read_manifest, select
+    from engines.engine import softmax
+    from engines.preprocess import normalize
+    saved = np.load(tiny_run / "logits_test.npz")
+    eng = OrtEngine(tiny_onnx, "cpu")
+    recs = select(read_manifest(tiny_run / "split.csv"), load_records(data_dir), "test", len(saved["labels"]), 0)
+    x, y = build_cache(recs, eng.bundle.preprocess, progress=False)
+    batch = normalize(x, eng.bundle.preprocess)
+    logits, _ = eng.logits(batch)
+    np.testing.assert_array_equal(y, saved["labels"])
+    np.testing.assert_allclose(logits, saved["logits"], atol=1e-3)
+    for tta in ("none", "flip"):
+        probs, _ = eng.infer(batch[:16], tta)
+        np.testing.assert_allclose(probs, softmax(eng.logits(batch[:16], tta)[0], eng.bundle.temperature), atol=1e-6)
+    assert not np.allclose(eng.logits(batch[:16], "flip")[0], logits[:16])  # flips are other views

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dermtrain.data import DataError
 from dermtrain.metrics import fit_temperature, softmax, summarize, threshold_for_sensitivity
+from engines.bundle import BundleError
 from engines.labels import CLASS_CODES, MEL_INDEX
 
 
@@ -72,8 +74,6 @@ def main(argv=None) -> int:
     if any(r.suffix == ".onnx" for r in a.runs) and a.data is None:
         print("ensemble: error: an ONNX member needs the images: --data or $DERM_DATA", file=sys.stderr)
         return 2
-    from dermtrain.data import DataError
-    from engines.bundle import BundleError
     loaded = []
     for r in a.runs:
         try:
@@ -82,8 +82,9 @@ def main(argv=None) -> int:
             print(f"ensemble: error: {e}", file=sys.stderr)
             return 2
         except OSError as e:
-            print(f"ensemble: error: {e.filename or r}: {e.strerror or e} (a run folder needs `dermtrain eval RUN "
-                  f"--split-name test{'' if a.tta == 'none' else ' --tta ' + a.tta}` first)", file=sys.stderr)
+            hint = ("" if r.suffix == ".onnx" else f" (a run folder needs `dermtrain eval RUN --split-name test"
+                                                   f"{'' if a.tta == 'none' else ' --tta ' + a.tta}` first)")
+            print(f"ensemble: error: {e.filename or r}: {e.strerror or e}{hint}", file=sys.stderr)
             return 2
         except (KeyError, ValueError) as e:
             print(f"ensemble: error: {r}: unreadable logits or calibration ({e})", file=sys.stderr)

@@ -15,6 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engines.fsutil import sha256_file, sibling  # noqa: E402 (after the path is set)
+
 RUN_FILES = ("config.json", "run.json", "history.json", "calibration.json", "metrics.json", "metrics_flip.json",
              "report.md", "report_flip.md", "confusion_matrix.png", "confusion_matrix_flip.png", "training_curves.png")
 
@@ -30,13 +32,12 @@ def load(run: Path, name: str) -> dict | list | None:
 
 def card(run: Path, onnx: Path, name: str, title: str, notes: str, run_copy: str, installed: Path) -> str:
     from engines.display import pct as pct2
-    from engines.fsutil import sha256_file
     from engines.labels import CLASS_CODES, class_name
     from engines.onnx_backend import OrtEngine
 
     cfg, info, hist = load(run, "config.json"), load(run, "run.json"), load(run, "history.json")
     m, mf = load(run, "metrics.json"), load(run, "metrics_flip.json")
-    parity = load(onnx.parent, onnx.name.removesuffix(".onnx") + ".parity.json")
+    parity = load(onnx.parent, sibling(onnx, ".parity.json").name)
     b = OrtEngine(onnx).bundle
     best = max(hist, key=lambda h: h["val_balanced_acc"])
     minutes = sum(h.get("seconds", 0) + h.get("bank_seconds", 0) for h in hist) / 60
@@ -128,7 +129,7 @@ def main() -> int:
         for f in RUN_FILES:
             if (run / f).is_file():
                 shutil.copy(run / f, Path(a.copy_run) / f)
-        parity = onnx.parent / (onnx.name.removesuffix(".onnx") + ".parity.json")
+        parity = sibling(onnx, ".parity.json")
         for p in (parity, parity.with_suffix(".md")):
             if p.is_file():
                 shutil.copy(p, Path(a.copy_run) / p.name)

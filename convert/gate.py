@@ -10,7 +10,7 @@ import numpy as np
 
 from dermtrain.metrics import balanced_accuracy, binary_rates, confusion, melanoma_at_argmax
 from engines.engine import Engine
-from engines.fsutil import sha256_file, write_json, write_text
+from engines.fsutil import sha256_file, sibling, write_json, write_text
 from engines.labels import MEL_INDEX
 
 
@@ -86,7 +86,7 @@ def write_report(results: list[GateResult], reference: Path, extra: dict) -> Pat
     """REFERENCE.parity.json (the first candidate's figures at top level, every candidate under `candidates`) and .md.
     One report per FP32 file: a later `derive` or `verify` of the same file keeps what the conversion measured (its
     PyTorch parity, the candidates it does not gate again); a new FP32 file starts a new report."""
-    json_path = reference.with_name(reference.name.removesuffix(".onnx") + ".parity.json")
+    json_path = sibling(reference, ".parity.json")
     digest = sha256_file(reference)
     prior = json.loads(json_path.read_text()) if json_path.is_file() else {}
     if prior.get("reference_sha256") != digest:

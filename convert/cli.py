@@ -1,5 +1,6 @@
-"""`dermconvert RUN_OR_CHECKPOINT --onnx OUT.onnx [--fp16] [--int8] [--engine PATH] [--data DIR]` and
-`dermconvert verify MODEL.onnx --data DIR --split split.csv`."""
+"""`dermconvert RUN_OR_CHECKPOINT --onnx OUT.onnx [--fp16] [--int8] [--engine PATH] [--data DIR]`,
+`dermconvert verify MODEL.onnx --data DIR --split split.csv`, `dermconvert derive MODEL.onnx --fp16 ...`,
+`dermconvert ensemble M1.onnx M2.onnx ... --onnx OUT.onnx --data DIR --split split.csv [--fp16]`."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +47,18 @@ def derive_parser() -> argparse.ArgumentParser:
     return p
 
 
+def ensemble_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dermconvert ensemble", description="One ensemble bundle from several FP32 "
+                                "bundles: their calibrated log-probabilities averaged in one ONNX graph, its temperature "
+                                "and melanoma thresholds fitted on validation")
+    p.add_argument("members", nargs="+", help="FP32 ONNX bundles trained on the same split")
+    p.add_argument("--onnx", required=True, help="output ONNX bundle")
+    p.add_argument("--fp16", action="store_true", help="also OUT.fp16.onnx, kept if it passes its gate")
+    p.add_argument("--no-cam", action="store_true", help="no class-activation-map output")
+    _common(p)
+    return p
+
+
 def verify_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dermconvert verify", description="FP16 ONNX / TensorRT engine vs the FP32 ONNX")
     p.add_argument("model", help="the FP32 ONNX bundle")
@@ -64,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     from engines.bundle import BundleError
 
     argv = sys.argv[1:] if argv is None else argv
-    sub = argv[0] if argv and argv[0] in ("verify", "derive") else None
-    parser = {"verify": verify_parser, "derive": derive_parser, None: convert_parser}[sub]()
+    sub = argv[0] if argv and argv[0] in ("verify", "derive", "ensemble") else None
+    parser = {"verify": verify_parser, "derive": derive_parser, "ensemble": ensemble_parser,
+              None: convert_parser}[sub]()
     a = parser.parse_args(argv[1:] if sub else argv)
     try:
         data = resolve_data_dir(a.data) if (a.data or os.environ.get("DERM_DATA")) else None
@@ -77,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConvertError("derive needs --fp16 and/or --int8 (and a positive --calib-images)")
             res = derive(Path(a.model), data, Path(a.split), a.fp16, a.int8, a.limit, a.calib_images, a.int8_signed)
             return 0 if res.passed else 1
+        if sub == "ensemble":
+            return _ensemble(a, data)
         if sub == "verify":
             from dermconvert.pipeline import verify
             if data is None or not a.split:
@@ -97,6 +113,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ConvertError, DataError, EvalError, BundleError) as e:
         print(f"dermconvert: error: {e}", file=sys.stderr)
         return 2
+
+
+def _ensemble(a, data) -> int:
+    from dermconvert.ensemble import build_ensemble
+    from dermconvert.export import ConvertError
+    from dermconvert.gate import write_report
+    from dermconvert.pipeline import derive
+
+    if data is None or not a.split:
+        raise ConvertError("ensemble needs --data (or DERM_DATA) and --split: it is calibrated on validation images")
+    out = Path(a.onnx)
+    if any(Path(m).resolve() == out.resolve() for m in a.members):
+        raise ConvertError(f"{out}: the output would overwrite one of the members")
+    report = build_ensemble([Path(m) for m in a.members], out, data, Path(a.split), a.limit, not a.no_cam)
+    write_report([], out, report)
+    if a.fp16:
+        return 0 if derive(out, data, Path(a.split), True, False, a.limit).passed else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ class GateLimits:
                 f"{points(self.max_balanced_acc_drop)}, melanoma recall within {points(self.max_mel_recall_drop)}")
 
 
+DICT_LABELS = {"torch_parity": "PyTorch vs ONNX Runtime FP32"}
 LIMITS = {"fp16": GateLimits(0.995, 0.005, 0.01), "int8": GateLimits(0.985, 0.01, 0.01)}
 
 
@@ -82,17 +83,27 @@ def compare(reference: Engine, candidate: Engine, batch: np.ndarray, labels: np.
     return r
 
 
+def _prior_report(json_path: Path, digest: str) -> dict:
+    """The report already written for this very FP32 file, its candidates as GateResults; an empty one when there
+    is none, it belongs to another file, or it cannot be read back (edited by hand, cut short): a new one starts."""
+    try:
+        prior = json.loads(json_path.read_text()) if json_path.is_file() else {}
+        if not isinstance(prior, dict) or prior.get("reference_sha256") != digest:
+            return {"candidates": []}
+        return {**prior, "candidates": [GateResult(**c) for c in prior.get("candidates", [])]}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return {"candidates": []}
+
+
 def write_report(results: list[GateResult], reference: Path, extra: dict) -> Path:
     """REFERENCE.parity.json (the first candidate's figures at top level, every candidate under `candidates`) and .md.
     One report per FP32 file: a later `derive` or `verify` of the same file keeps what the conversion measured (its
     PyTorch parity, the candidates it does not gate again); a new FP32 file starts a new report."""
     json_path = sibling(reference, ".parity.json")
     digest = sha256_file(reference)
-    prior = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    if prior.get("reference_sha256") != digest:
-        prior = {}
+    prior = _prior_report(json_path, digest)
     gate_keys = {f.name for f in fields(GateResult)}
-    by_name = {c["candidate"]: GateResult(**c) for c in prior.get("candidates", [])}
+    by_name = {c.candidate: c for c in prior.pop("candidates")}
     by_name.update((r.candidate, r) for r in results)  # a candidate gated again keeps its place
     results = list(by_name.values())
     extra = {**{k: v for k, v in prior.items() if k not in gate_keys | {"candidates", "reference_sha256"}},
@@ -104,8 +115,10 @@ def write_report(results: list[GateResult], reference: Path, extra: dict) -> Pat
     for k, v in extra.items():
         if not isinstance(v, dict):
             lines.append(f"- {k}: {v}")
-    for k, v in extra.get("torch_parity", {}).items():
-        lines.append(f"- PyTorch vs ONNX Runtime FP32, {k}: {v}")
+    for k, v in extra.items():
+        if isinstance(v, dict):
+            label = DICT_LABELS.get(k, k.replace("_", " "))
+            lines += [f"- {label}, {kk}: {vv}" for kk, vv in v.items()]
     lines += ["", "| candidate | images | top-1 agreement | balanced acc FP32 / cand. | melanoma recall at threshold FP32 / cand. "
               "| melanoma recall at argmax FP32 / cand. | max prob diff | verdict |", "|---|---|---|---|---|---|---|---|"]
     for r in results:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -162,3 +163,107 @@ def test_engine_logits_reproduce_the_evaluated_run_and_infer_calibrates_them(tin
         probs, _ = eng.infer(batch[:16], tta)
         np.testing.assert_allclose(probs, softmax(eng.logits(batch[:16], tta)[0], eng.bundle.temperature), atol=1e-6)
     assert not np.allclose(eng.logits(batch[:16], "flip")[0], logits[:16])  # flips are other views
+
+
+
+def _second_member(tiny_onnx: Path, path: Path, size: int = 48, temperature: float = 1.3) -> Path:
+    """Another bundle on the tiny run's split: the same trained network at another input size and temperature, so
+    the ensemble has to resize inside its graph and weigh its members by their own temperatures."""
+    from dataclasses import replace
+    from dermtrain.evaluate import load_run_model
+    tiny = OrtEngine(tiny_onnx).bundle
+    model, *_ = load_run_model(Path(tiny.source).parent)
+    export_onnx(model, replace(tiny, preprocess=replace(tiny.preprocess, size=size), temperature=temperature,
+                               mel_thresholds={}), path)
+    return path
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64) - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def test_ensemble_bundle_averages_its_members_and_is_calibrated_and_gated(tiny_run, tiny_onnx, data_dir, tmp_path):
+    import cv2
+    from dermconvert.cli import main
+    from engines.imageio import load_rgb
+    small = _second_member(tiny_onnx, tmp_path / "small.onnx")
+    out = tmp_path / "ens.onnx"
+    rc = main(["ensemble", str(tiny_onnx), str(small), "--onnx", str(out), "--data", str(data_dir),
+               "--split", str(tiny_run / "split.csv"), "--limit", "60", "--fp16"])
+    assert rc == 0 and out.is_file() and (tmp_path / "ens.fp16.onnx").is_file()
+    ens, big, sm = OrtEngine(out), OrtEngine(tiny_onnx), OrtEngine(small)
+    b = ens.bundle
+    assert b.preprocess == big.bundle.preprocess and b.has_cam and b.split_sha256 == big.bundle.split_sha256
+    assert b.temperature != 1.0 and set(b.mel_thresholds) == {"flip"} and b.validation["n"] == 60
+    report = json.loads((tmp_path / "ens.parity.json").read_text())
+    assert report["members_on_their_own_inputs"]["n"] == 60 and report["candidates"][0]["passed"]
+
+    # The graph is the mean of the members' log-softmax at their own temperatures, the smaller member seeing
+    # the input resized bilinearly (half-pixel centres, what OpenCV's INTER_LINEAR does).
+    x, _ = validation_batch(data_dir, tiny_run / "split.csv", b.preprocess, 24, progress=False)
+    x48 = np.stack([np.stack([cv2.resize(c, (48, 48), interpolation=cv2.INTER_LINEAR) for c in im]) for im in x])
+    want = (_log_softmax(big.logits(x)[0] / big.bundle.temperature)
+            + _log_softmax(sm.logits(x48)[0] / 1.3)) / 2
+    got, cam = ens.logits(x)
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    assert cam.shape[:2] == (24, 7) and cam.shape[2:] == big.forward(x[:1])[1].shape[2:]
+    preds = ens.predict([load_rgb(r) for r in sorted((data_dir / "images").rglob("*.jpg"))[:3]], tta="flip")
+    assert len(preds) == 3 and all(abs(p.probs.sum() - 1) < 1e-5 for p in preds)
+
+
+def test_ensemble_refuses_members_that_cannot_be_one_model(tiny_run, tiny_onnx, data_dir, tmp_path, capsys):
+    from dataclasses import replace
+    from dermconvert.cli import main
+    other = tmp_path / "other_split.onnx"
+    tiny = OrtEngine(tiny_onnx).bundle
+    from dermtrain.evaluate import load_run_model
+    export_onnx(load_run_model(Path(tiny.source).parent)[0], replace(tiny, split_sha256="0" * 64), other)
+    common = ["--data", str(data_dir), "--split", str(tiny_run / "split.csv"), "--limit", "20"]
+    cases = {"at least two": [str(tiny_onnx)],
+             "another split": [str(tiny_onnx), str(other)],
+             "FP32 members": [str(tiny_onnx), str(tiny_onnx.with_name("model.fp16.onnx"))],
+             "model file not found": [str(tiny_onnx), str(tmp_path / "missing.onnx")]}
+    for why, members in cases.items():
+        out = tmp_path / "ens.onnx"
+        assert main(["ensemble", *members, "--onnx", str(out), *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert why in err and len(err.splitlines()) == 1 and not out.exists(), err
+    assert main(["ensemble", str(tiny_onnx), str(other), "--onnx", str(tiny_onnx), *common]) == 2
+    assert "overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["{not json", "[]", '{"reference_sha256": "SHA", "candidates": [{"candidate": 1}]}',
+                                    '{"reference_sha256": "SHA", "candidates": 7}'])
+def test_a_damaged_parity_report_is_started_again(tiny_onnx, tmp_path, damage):
+    import shutil
+    from dermconvert.gate import GateResult, write_report
+    from engines.fsutil import sha256_file
+    ref = tmp_path / "m.onnx"
+    shutil.copy(tiny_onnx, ref)
+    (tmp_path / "m.parity.json").write_text(damage.replace("SHA", sha256_file(ref)))
+    g = GateResult("FP16 ONNX", 10, 1.0, 0.5, 0.5, 0.9, 0.9, 0.4, 0.4, 1e-3, True)
+    report = json.loads(write_report([g], ref, {"images": "10"}).read_text())
+    assert [c["candidate"] for c in report["candidates"]] == ["FP16 ONNX"] and report["images"] == "10"
+
+
+def test_eval_of_a_bundle_scores_it_as_it_runs(tiny_run, tiny_onnx, data_dir, tmp_path, capsys):
+    """`dermtrain eval MODEL.onnx`: the shipped file with its own temperature and threshold gives the run's figures,
+    and writes the same files a run's evaluation does."""
+    from dermtrain.cli import main
+    run = json.loads((tiny_run / "metrics.json").read_text())
+    out = tmp_path / "eval"
+    assert main(["eval", str(tiny_onnx), "--data", str(data_dir), "--split", str(tiny_run / "split.csv"),
+                 "--out", str(out), "--limit", str(run["n"]), "--quiet"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    b = OrtEngine(tiny_onnx).bundle
+    assert m["n"] == run["n"] and m["accuracy"] == run["accuracy"] and m["per_class"] == run["per_class"]
+    assert m["melanoma"]["threshold"]["threshold"] == b.mel_threshold and m["calibration"]["temperature"] == b.temperature
+    assert (out / "report.md").is_file() and (out / "confusion_matrix.png").is_file() and (out / "logits_test.npz").is_file()
+    assert "Bundle" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["eval", str(tiny_onnx), "--data", str(data_dir), "--out", str(out)]) == 2
+    assert main(["eval", str(tiny_onnx), "--data", str(data_dir), "--split", str(tmp_path / "no.csv"),
+                 "--out", str(out)]) == 2
+    errs = capsys.readouterr().err.strip().splitlines()
+    assert len(errs) == 2 and "--split" in errs[0] and "no.csv" in errs[1]

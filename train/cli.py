@@ -69,8 +69,15 @@ def cmd_eval(a) -> int:
     from dermtrain.data import resolve_data_dir
     from dermtrain.evaluate import evaluate
 
-    m = evaluate(Path(a.run_dir), resolve_data_dir(a.data), a.split_name, a.target_sensitivity, a.tta, a.limit,
-                 progress=not a.quiet)
+    if a.run_dir.endswith(".onnx"):
+        from dermtrain.evaluate import EvalError, evaluate_bundle
+        if not (a.split and a.out):
+            raise EvalError(f"{a.run_dir}: a model bundle is evaluated with --split MANIFEST --out FOLDER")
+        m = evaluate_bundle(Path(a.run_dir), resolve_data_dir(a.data), Path(a.split), Path(a.out), a.split_name,
+                            a.tta, a.limit, progress=not a.quiet)
+    else:
+        m = evaluate(Path(a.run_dir), resolve_data_dir(a.data), a.split_name, a.target_sensitivity, a.tta, a.limit,
+                     progress=not a.quiet)
     mel = m["melanoma"]
     suffix = "" if a.tta == "none" else f"_{a.tta}"
     print(f"{m['split']}: n={m['n']} accuracy {m['accuracy']:.4f} balanced accuracy {m['balanced_accuracy']:.4f} "
@@ -79,7 +86,7 @@ def cmd_eval(a) -> int:
           f"p(mel) >= {mel['threshold']['threshold']:.4f}: {mel['threshold']['recall']:.3f}/"
           f"{mel['threshold']['specificity']:.3f}")
     print(f"ECE {m['calibration']['ece_before']:.4f} -> {m['calibration']['ece_after']:.4f} "
-          f"(T={m['calibration']['temperature']:.3f}); wrote {a.run_dir}/metrics{suffix}.json")
+          f"(T={m['calibration']['temperature']:.3f}); wrote {a.out or a.run_dir}/metrics{suffix}.json")
     return 0
 
 
@@ -152,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("eval", help="evaluate a run on one split: metrics.json, report.md, plots")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="run folder, or a model bundle (.onnx: with --split and --out)")
+    p.add_argument("--split", help="bundle: the split manifest it was trained on")
+    p.add_argument("--out", help="bundle: folder for its metrics, report and plots")
     _add_data(p)
     p.add_argument("--split-name", default="test", choices=("train", "val", "test"))
     p.add_argument("--target-sensitivity", type=float, default=0.90, help="melanoma sensitivity of the operating point")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,30 +74,10 @@ def evaluate(run_dir: Path, data_dir: Path, split_name: str = "test", target_sen
     temperature = float(cal["temperature"]) if cal else fit_temperature(val_logits, val_y)
     val_p_mel = softmax(val_logits, temperature)[:, MEL_INDEX]
     threshold = threshold_for_sensitivity(val_p_mel, val_y == MEL_INDEX, target_sensitivity)
-    val_sum = summarize(val_logits, val_y, temperature, threshold)
-    s = summarize(logits, y, temperature, threshold)
-    metrics = {
-        "run": str(run.root), "split": split_name, "checkpoint_epoch": state["epoch"], "model": cfg.model,
-        "img_size": spec.size, "tta": tta, "split_sha256": state["split_sha256"],
-        **{k: s[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "per_class", "auc", "class_table",
-                             "confusion_matrix", "melanoma")},
-        "calibration": {"temperature": temperature,
-                        "ece_before": expected_calibration_error(softmax(logits), y),
-                        "ece_after": s["ece"]},
-        "operating_point": {"class": "mel", "threshold": threshold, "target_sensitivity": target_sensitivity,
-                            "chosen_on": "val", "val_recall": val_sum["melanoma"]["threshold"]["recall"],
-                            "val_specificity": val_sum["melanoma"]["threshold"]["specificity"]},
-        "validation": {k: val_sum[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}
-                      | {"mel_recall": val_sum["per_class"]["mel"],
-                         "mel_recall_at_threshold": val_sum["melanoma"]["threshold"]["recall"],
-                         "mel_specificity_at_threshold": val_sum["melanoma"]["threshold"]["specificity"]},
-    }
-    # Test-time-augmented evaluations sit beside the plain one instead of replacing it; the calibration shipped
-    # with the model is the plain one, always fitted on validation.
-    tag = "" if tta == "none" else f"_{tta}"
-    write_json(run.root / f"metrics{tag}.json", metrics)
-    if split_name != "test":
-        write_json(run.root / f"metrics_{split_name}{tag}.json", metrics)
+    metrics = clinical_metrics(Scores(val_logits, val_y, logits, y), temperature, threshold, target_sensitivity,
+                               {"run": str(run.root), "split": split_name, "checkpoint_epoch": state["epoch"],
+                                "model": cfg.model, "img_size": spec.size, "tta": tta,
+                                "split_sha256": state["split_sha256"]})
     if tta == "none":
         old = json.loads(cal_path.read_text()) if cal_path.is_file() else {}
         keep = {k: v for k, v in old.get("mel_thresholds", {}).items()} if old.get("temperature") == temperature else {}
@@ -105,15 +86,94 @@ def evaluate(run_dir: Path, data_dir: Path, split_name: str = "test", target_sen
                               "validation": metrics["validation"]})
     elif cal is not None:
         write_json(cal_path, {**cal, "mel_thresholds": {**cal.get("mel_thresholds", {}), tta: threshold}})
-    with atomic_path(run.root / f"logits_{split_name}{tag}.npz") as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, logits=logits, labels=y, val_logits=val_logits, val_labels=val_y)
-    confusion_matrix_png(np.array(s["confusion_matrix"]), run.root / f"confusion_matrix{tag}.png",
-                         f"{cfg.model} @ {spec.size}px, {split_name} split (n={s['n']}){', TTA ' + tta if tag else ''}")
+    write_evaluation(run.root, metrics, Scores(val_logits, val_y, logits, y),
+                     f"{cfg.model} @ {spec.size}px, {split_name} split")
     history = json.loads(run.history.read_text()) if run.history.is_file() else state.get("history")
     if history:  # the whole run, not just up to the best checkpoint
         training_curves_png(history, cfg.phase1.epochs, run.curves)
-    write_text(run.root / f"report{tag}.md", render_report(metrics, tag))
+    return metrics
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Logits and labels of the validation split (where operating points are chosen) and of the evaluated one."""
+    val_logits: np.ndarray
+    val_labels: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray
+
+
+def clinical_metrics(s: Scores, temperature: float, threshold: float, target_sensitivity: float, header: dict) -> dict:
+    """metrics.json: every headline figure of the evaluated split at this temperature and melanoma threshold,
+    and the threshold's figures on validation."""
+    val_sum = summarize(s.val_logits, s.val_labels, temperature, threshold)
+    m = summarize(s.logits, s.labels, temperature, threshold)
+    return {
+        **header,
+        **{k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "per_class", "auc", "class_table",
+                             "confusion_matrix", "melanoma")},
+        "calibration": {"temperature": temperature,
+                        "ece_before": expected_calibration_error(softmax(s.logits), s.labels),
+                        "ece_after": m["ece"]},
+        "operating_point": {"class": "mel", "threshold": threshold, "target_sensitivity": target_sensitivity,
+                            "chosen_on": "val", "val_recall": val_sum["melanoma"]["threshold"]["recall"],
+                            "val_specificity": val_sum["melanoma"]["threshold"]["specificity"]},
+        "validation": {k: val_sum[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}
+                      | {"mel_recall": val_sum["per_class"]["mel"],
+                         "mel_recall_at_threshold": val_sum["melanoma"]["threshold"]["recall"],
+                         "mel_specificity_at_threshold": val_sum["melanoma"]["threshold"]["specificity"]},
+    }
+
+
+def write_evaluation(root: Path, metrics: dict, s: Scores, title: str) -> None:
+    """metrics{_tta}.json (and metrics_SPLIT{_tta}.json beside a non-test one), the logits, the confusion matrix
+    and report{_tta}.md. Test-time-augmented evaluations sit beside the plain one instead of replacing it."""
+    split_name, tta = metrics["split"], metrics["tta"]
+    tag = "" if tta == "none" else f"_{tta}"
+    write_json(root / f"metrics{tag}.json", metrics)
+    if split_name != "test":
+        write_json(root / f"metrics_{split_name}{tag}.json", metrics)
+    with atomic_path(root / f"logits_{split_name}{tag}.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, logits=s.logits, labels=s.labels, val_logits=s.val_logits, val_labels=s.val_labels)
+    confusion_matrix_png(np.array(metrics["confusion_matrix"]), root / f"confusion_matrix{tag}.png",
+                         f"{title} (n={metrics['n']}){', TTA ' + tta if tag else ''}")
+    write_text(root / f"report{tag}.md", render_report(metrics, tag))
+
+
+def evaluate_bundle(onnx_path: Path, data_dir: Path, split_csv: Path, out_dir: Path, split_name: str = "test",
+                    tta: str = "none", limit: int | None = None, progress: bool = True) -> dict:
+    """`dermtrain eval MODEL.onnx --split S --out DIR`: a shipped bundle as it runs, its own temperature and
+    melanoma threshold for `tta` (nothing refitted), on one split; the same files as a run's evaluation, in DIR."""
+    from engines.bundle import BundleError
+    from engines.onnx_backend import OrtEngine
+    from engines.preprocess import normalize
+
+    try:
+        eng = OrtEngine(onnx_path, "cpu")
+    except BundleError as e:
+        raise EvalError(str(e)) from None
+    b = eng.bundle
+    if not split_csv.is_file():
+        raise EvalError(f"{split_csv}: split manifest not found")
+    if b.split_sha256 and manifest_sha256(split_csv) != b.split_sha256:
+        raise EvalError(f"{split_csv}: not the manifest {onnx_path.name} was trained on (its sha256 is "
+                        f"{b.split_sha256[:12]}…): its validation or test images could be training images")
+    rows, records = read_manifest(split_csv), load_records(data_dir)
+
+    def scored(name: str) -> tuple[np.ndarray, np.ndarray]:
+        x, y = build_cache(select(rows, records, name, limit, 0), b.preprocess, f"caching {name}", progress)
+        logits = [eng.logits(normalize(x[i:i + 64], b.preprocess), tta)[0] for i in range(0, len(x), 64)]
+        return np.concatenate(logits) if logits else np.zeros((0, len(b.classes)), np.float32), y
+
+    val_logits, val_y = scored("val")
+    logits, y = scored(split_name)
+    metrics = clinical_metrics(Scores(val_logits, val_y, logits, y), b.temperature, b.threshold_for(tta), 0.90,
+                               {"run": str(onnx_path), "split": split_name, "checkpoint_epoch": None,
+                                "model": b.model_name, "img_size": b.preprocess.size, "tta": tta,
+                                "split_sha256": b.split_sha256, "precision": b.precision})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_evaluation(out_dir, metrics, Scores(val_logits, val_y, logits, y), f"{onnx_path.name}, {split_name} split")
     return metrics
 
 
@@ -126,7 +186,9 @@ def render_report(m: dict, tag: str = "") -> str:
     lines = [
         f"# Evaluation: {m['model']} @ {m['img_size']} px on the {m['split']} split",
         "",
-        f"Run `{m['run']}`, checkpoint of epoch {m['checkpoint_epoch']}, {m['n']} images, test-time views: {m['tta']}. "
+        (f"Run `{m['run']}`, checkpoint of epoch {m['checkpoint_epoch']}" if m["checkpoint_epoch"] is not None else
+         f"Bundle `{m['run']}` ({m.get('precision', 'fp32')}) as it runs, with its own temperature and threshold")
+        + f", {m['n']} images, test-time views: {m['tta']}. "
         f"Split manifest sha256 `{m['split_sha256'][:12]}…` (lesion-level, no lesion in two splits).",
         "",
         "| metric | value |", "|---|---|",
@@ -162,8 +224,7 @@ def render_report(m: dict, tag: str = "") -> str:
         "",
         f"![confusion matrix](confusion_matrix{tag}.png)",
         "",
-        "![training curves](training_curves.png)",
-        "",
+        *(["![training curves](training_curves.png)", ""] if m["checkpoint_epoch"] is not None else []),
         "Decision support, not a diagnosis.",
         "",
     ]

@@ -97,7 +97,7 @@ def run_sections(run: Path, b, parity: dict, notes: str, run_copy: str) -> tuple
             f"Config (`{run_copy}config.json`): {json.dumps(r, sort_keys=True) if r else 'two-phase preset'}.",
             f"Best validation balanced accuracy at epoch {best['epoch']} of {len(hist)} "
             f"(prior shift {best.get('prior_shift', 0):g}); training took {minutes:.0f} minutes on 2 CPU cores"
-            + (f" (feature bank {hist[0]['bank_seconds'] / 60:.0f} min)" if hist[0].get("bank_seconds") else "") + ".",
+            + bank_note(hist[0].get("bank_seconds")) + ".",
             "", notes.strip(), ""]
     conversion = []
     if parity:
@@ -107,6 +107,14 @@ def run_sections(run: Path, b, parity: dict, notes: str, run_copy: str) -> tuple
                       f"{tp.get('max_abs_logit_diff', float('nan')):.1e}, top-1 agreement {pct(tp.get('top1_agreement'))}. "
                       + fp16_gate(parity)]
     return body, conversion
+
+
+def bank_note(seconds: float | None) -> str:
+    if not seconds:
+        return ""
+    if seconds < 60:  # an earlier run with the same key built it: its build time is not this run's to report
+        return f" (its feature bank read from the disk cache in {seconds:.0f} s: its build time is in the notes)"
+    return f" (feature bank {seconds / 60:.0f} min)"
 
 
 def ensemble_sections(b, parity: dict, notes: str) -> tuple[list[str], list[str]]:

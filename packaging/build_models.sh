@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Reproduces the shipped models on 2 CPU cores, one training at a time (two at once halve each other, and two
 # PyTorch jobs fighting over the cores run 5x slower each):
-#   default   EfficientNet-Lite0 @192 fine-tuned from a 6-view feature bank    (runs/lite0-bank,     ~45 min)
+#   default   EfficientNet-Lite0 @192 fine-tuned from a 12-view feature bank at peak lr 3e-3 (runs/lite0-fast, ~38 min:
+#             bank 18 min, 9 epochs 20 min; seed 0 of three seeds, the best on validation: docs/ablation.md)
 #   convnext  ConvNeXt-Femto @160 from scratch, distilled with a feature hint (runs/convnext-femto, ~3 h 10 min:
 #             a 12-view Lite0 bank 18 min, three fold teachers runs/xfit-0..2 41 min, their targets 7 min, 2 h 1 min)
+#   ensemble  the three teachers in one graph: Lite0 @192 from a 6-view bank (runs/lite0-bank, ~45 min; the default
+#             until 2026-12-02), Lite1 @240 (runs/lite1-bank, ~50 min) and Lite2 @260
+#             (runs/lite2-bank, ~80 min); nothing trained for it, calibrated on validation by `dermconvert ensemble`
 # then evaluates each on the test split (plain and with test-time flips), converts with the FP16 gate, installs
 # the bundles into engines/models, and regenerates the cards and the comparison table.
 # The distilled ConvNeXt (`--config convnext-distill --teachers runs/lite0-bank`) is not shipped: stopped at 16 of
 # 25 epochs it reached 45.8% validation balanced accuracy against 52.9% for the from-scratch one.
-# Teachers (not shipped): `fit lite1-bank lite1-bank --epochs 8` (28 min from its bank, validation 68.4% and, on a
+# The Lite1 teacher alone: `fit lite1-bank lite1-bank --epochs 8` (28 min from its bank, validation 68.4% and, on a
 # second machine, 69.9%), then `python bench/ensemble.py runs/lite0-bank runs/lite1-bank` (validation 71.2%;
 # docs/models/experiments/teachers.md). Experiments (docs/ablation.md): `fit lite0-f3 lite0-bank --freeze-at 3`
 # (block 3 trained too: 68.3%, no gain), and a Lite0 student distilled from lite0-f3 + lite1-bank:
@@ -46,26 +50,29 @@ fit() {  # fit RUN CONFIG [args...]: train, or continue a stopped run
 }
 
 if [ "$stage" = all ] || [ "$stage" = train ]; then
+  fit lite0-fast lite0-fast
   fit lite0-bank lite0-bank
   for f in 0 1 2; do fit xfit-$f lite0-bank --views 12 --epochs 10 --holdout $f/3; done
   fit convnext-femto convnext-hint
+  fit lite1-bank lite1-bank --epochs 8
+  fit lite2-bank lite2-bank --epochs 8
 fi
 
 if [ "$stage" = all ] || [ "$stage" = ship ]; then
   mkdir -p build/models
-  for run in lite0-bank convnext-femto; do
+  for run in lite0-fast convnext-femto; do
     $BIN/dermtrain eval runs/$run --data "$DATA" --split-name test --quiet
     $BIN/dermtrain eval runs/$run --data "$DATA" --split-name test --tta flip --quiet
     $BIN/dermconvert runs/$run --onnx build/models/$run.onnx --fp16 --data "$DATA"
   done
-  cp build/models/lite0-bank.onnx engines/models/efficientnet_lite0.onnx
+  cp build/models/lite0-fast.onnx engines/models/efficientnet_lite0.onnx
   cp build/models/convnext-femto.onnx engines/models/convnext_femto.onnx
   # the gated FP16 files travel with them (dermconvert deletes one that fails its gate)
-  for pair in lite0-bank:efficientnet_lite0 convnext-femto:convnext_femto; do
+  for pair in lite0-fast:efficientnet_lite0 convnext-femto:convnext_femto; do
     src=build/models/${pair%%:*}.fp16.onnx
     if [ -f "$src" ]; then cp "$src" "engines/models/${pair##*:}.fp16.onnx"; else rm -f "engines/models/${pair##*:}.fp16.onnx"; fi
   done
-  $BIN/python bench/model_card.py runs/lite0-bank build/models/lite0-bank.onnx --name default \
+  $BIN/python bench/model_card.py runs/lite0-fast build/models/lite0-fast.onnx --name default \
     --title "EfficientNet-Lite0 @ 192 px, feature-bank fine-tuning (the default model)" \
     --out docs/models/efficientnet_lite0.md --notes docs/models/notes/efficientnet_lite0.md \
     --copy-run docs/models/efficientnet_lite0/ --installed engines/models/efficientnet_lite0.onnx
@@ -73,7 +80,21 @@ if [ "$stage" = all ] || [ "$stage" = ship ]; then
     --title "ConvNeXt-Femto @ 160 px, from scratch, distilled from Lite0 teachers with a feature hint" \
     --out docs/models/convnext_femto.md --notes docs/models/notes/convnext_femto.md \
     --copy-run docs/models/convnext_femto/ --installed engines/models/convnext_femto.onnx
-  $BIN/python bench/compare_models.py default=runs/lite0-bank:build/models/lite0-bank.onnx \
-    convnext=runs/convnext-femto:build/models/convnext-femto.onnx --scan "$DATA/images" \
+  for run in lite0-bank lite1-bank lite2-bank; do
+    $BIN/dermconvert runs/$run --onnx build/models/$run.onnx --data "$DATA"
+  done
+  $BIN/dermconvert ensemble build/models/lite0-bank.onnx build/models/lite1-bank.onnx build/models/lite2-bank.onnx \
+    --onnx build/models/teachers3.onnx --fp16 --data "$DATA" --split $SPLIT
+  for tta in none flip; do
+    $BIN/dermtrain eval build/models/teachers3.onnx --data "$DATA" --split $SPLIT --out runs/teachers3-eval --tta $tta --quiet
+  done
+  cp build/models/teachers3.onnx build/models/teachers3.fp16.onnx engines/models/
+  $BIN/python bench/model_card.py runs/teachers3-eval build/models/teachers3.onnx --name ensemble \
+    --title "The three EfficientNet-Lite teachers in one bundle (for archive scans)" \
+    --out docs/models/ensemble.md --notes docs/models/notes/ensemble.md \
+    --copy-run docs/models/ensemble/ --installed engines/models/teachers3.onnx
+  $BIN/python bench/compare_models.py default=runs/lite0-fast:build/models/lite0-fast.onnx \
+    convnext=runs/convnext-femto:build/models/convnext-femto.onnx \
+    ensemble=runs/teachers3-eval:build/models/teachers3.onnx --scan "$DATA/images" \
     --out docs/models/comparison.md
 fi

@@ -74,7 +74,8 @@ def evaluate(run_dir: Path, data_dir: Path, split_name: str = "test", target_sen
     temperature = float(cal["temperature"]) if cal else fit_temperature(val_logits, val_y)
     val_p_mel = softmax(val_logits, temperature)[:, MEL_INDEX]
     threshold = threshold_for_sensitivity(val_p_mel, val_y == MEL_INDEX, target_sensitivity)
-    metrics = clinical_metrics(Scores(val_logits, val_y, logits, y), temperature, threshold, target_sensitivity,
+    scores = Scores(val_logits, val_y, logits, y)
+    metrics = clinical_metrics(scores, temperature, threshold, target_sensitivity,
                                {"run": str(run.root), "split": split_name, "checkpoint_epoch": state["epoch"],
                                 "model": cfg.model, "img_size": spec.size, "tta": tta,
                                 "split_sha256": state["split_sha256"]})
@@ -86,8 +87,7 @@ def evaluate(run_dir: Path, data_dir: Path, split_name: str = "test", target_sen
                               "validation": metrics["validation"]})
     elif cal is not None:
         write_json(cal_path, {**cal, "mel_thresholds": {**cal.get("mel_thresholds", {}), tta: threshold}})
-    write_evaluation(run.root, metrics, Scores(val_logits, val_y, logits, y),
-                     f"{cfg.model} @ {spec.size}px, {split_name} split")
+    write_evaluation(run.root, metrics, scores, f"{cfg.model} @ {spec.size}px, {split_name} split")
     history = json.loads(run.history.read_text()) if run.history.is_file() else state.get("history")
     if history:  # the whole run, not just up to the best checkpoint
         training_curves_png(history, cfg.phase1.epochs, run.curves)
@@ -168,12 +168,13 @@ def evaluate_bundle(onnx_path: Path, data_dir: Path, split_csv: Path, out_dir: P
 
     val_logits, val_y = scored("val")
     logits, y = scored(split_name)
-    metrics = clinical_metrics(Scores(val_logits, val_y, logits, y), b.temperature, b.threshold_for(tta), 0.90,
+    scores = Scores(val_logits, val_y, logits, y)
+    metrics = clinical_metrics(scores, b.temperature, b.threshold_for(tta), 0.90,
                                {"run": str(onnx_path), "split": split_name, "checkpoint_epoch": None,
                                 "model": b.model_name, "img_size": b.preprocess.size, "tta": tta,
                                 "split_sha256": b.split_sha256, "precision": b.precision})
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_evaluation(out_dir, metrics, Scores(val_logits, val_y, logits, y), f"{onnx_path.name}, {split_name} split")
+    write_evaluation(out_dir, metrics, scores, f"{onnx_path.name}, {split_name} split")
     return metrics
 
 

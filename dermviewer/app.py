@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dermviewer", description="Live dermoscopy classification. " + NOTICE)
     p.add_argument("--version", action=VersionAction, help="version, shipped models and their ONNX sha256")
     p.add_argument("--source", default="0", help="camera index, /dev/videoN, video file, image or folder")
-    p.add_argument("--model", help="ONNX bundle or shipped name (default, convnext, ensemble)")
+    p.add_argument("--model", help="ONNX bundle or shipped name (default, convnext)")
     p.add_argument("--backend", default="auto")
     p.add_argument("--precision", choices=PRECISIONS, help="run the gated file of this precision beside the model "
                    "(M.fp16.onnx, M.int8.onnx; default: the file as given)")

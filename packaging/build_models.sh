@@ -7,7 +7,8 @@
 #             a 12-view Lite0 bank 18 min, three fold teachers runs/xfit-0..2 41 min, their targets 7 min, 2 h 1 min)
 #   ensemble  the three teachers in one graph: Lite0 @192 from a 6-view bank (runs/lite0-bank, ~45 min; the default
 #             until 2026-12-02), Lite1 @240 (runs/lite1-bank, ~50 min) and Lite2 @260
-#             (runs/lite2-bank, ~80 min); nothing trained for it, calibrated on validation by `dermconvert ensemble`
+#             (runs/lite2-bank, ~80 min); nothing trained for it, calibrated on validation by `dermconvert ensemble`;
+#             built into build/models (50 MB), not packaged
 # then evaluates each on the test split (plain and with test-time flips), converts with the FP16 gate, installs
 # the bundles into engines/models, and regenerates the cards and the comparison table.
 # The distilled ConvNeXt (`--config convnext-distill --teachers runs/lite0-bank`) is not shipped: stopped at 16 of
@@ -88,11 +89,11 @@ if [ "$stage" = all ] || [ "$stage" = ship ]; then
   for tta in none flip; do
     $BIN/dermtrain eval build/models/teachers3.onnx --data "$DATA" --split $SPLIT --out runs/teachers3-eval --tta $tta --quiet
   done
-  cp build/models/teachers3.onnx build/models/teachers3.fp16.onnx engines/models/
-  $BIN/python bench/model_card.py runs/teachers3-eval build/models/teachers3.onnx --name ensemble \
-    --title "The three EfficientNet-Lite teachers in one bundle (for archive scans)" \
+  # not packaged (50 MB, over the size a package ships): `dermscan FOLDER --model build/models/teachers3.onnx`
+  $BIN/python bench/model_card.py runs/teachers3-eval build/models/teachers3.onnx --name build/models/teachers3.onnx \
+    --title "The three EfficientNet-Lite teachers in one bundle (for archive scans; built, not packaged)" \
     --out docs/models/ensemble.md --notes docs/models/notes/ensemble.md \
-    --copy-run docs/models/ensemble/ --installed engines/models/teachers3.onnx
+    --copy-run docs/models/ensemble/ --installed build/models/teachers3.onnx
   $BIN/python bench/compare_models.py default=runs/lite0-fast:build/models/lite0-fast.onnx \
     convnext=runs/convnext-femto:build/models/convnext-femto.onnx \
     ensemble=runs/teachers3-eval:build/models/teachers3.onnx --scan "$DATA/images" \

@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "Decision support, not a diagnosis.")
     p.add_argument("--version", action=VersionAction, help="version, shipped models and their ONNX sha256")
     p.add_argument("folder")
-    p.add_argument("--model", help="ONNX bundle, or a shipped model name (default, convnext, ensemble)")
+    p.add_argument("--model", help="ONNX bundle, or a shipped model name (default, convnext)")
     p.add_argument("--backend", default="auto", help="auto, tensorrt, cuda, cpu, ort-trt")
     p.add_argument("--precision", choices=PRECISIONS, help="run the gated file of this precision beside the model "
                    "(M.fp16.onnx, M.int8.onnx; default: the file as given)")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dermconvert.ensemble import log_probs
 from dermtrain.data import DataError
 from dermtrain.metrics import fit_temperature, softmax, summarize, threshold_for_sensitivity
 from engines.bundle import BundleError
@@ -46,10 +47,6 @@ def load_onnx(onnx_path: Path, split: Path, data: Path, tta: str) -> tuple[dict,
                                                  for i in range(0, len(x), 64)])
         out[f"{prefix}labels"] = y
     return out, eng.bundle.temperature
-
-
-def log_probs(logits: np.ndarray, temperature: float) -> np.ndarray:
-    return np.log(np.clip(softmax(logits, temperature), 1e-12, None))
 
 
 def member_name(path: Path) -> str:

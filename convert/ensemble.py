@@ -147,18 +147,23 @@ def ensemble_bundle(members: list[Member], has_cam: bool) -> ModelBundle:
                        has_cam=has_cam, precision="fp32", source=" + ".join(m.path.name for m in members))
 
 
+def log_probs(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """What an ensemble averages: each member's log-softmax at its own temperature (clipped: log 0 is -inf)."""
+    from engines.engine import softmax
+    return np.log(np.clip(softmax(logits, temperature), 1e-12, None))
+
+
 def member_logprobs(members: list[Member], data: Path, split: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The reference the graph is compared with: each member on its own preprocessing of the validation images,
     log-softmax at its own temperature, averaged (what bench/ensemble.py scores)."""
     from dermconvert.pipeline import validation_batch
-    from engines.engine import softmax
     from engines.onnx_backend import OrtEngine
 
     out, labels = [], None
     for m in members:
         x, labels = validation_batch(data, split, m.bundle.preprocess, limit, progress=False)
         eng = OrtEngine(m.path, "cpu")
-        out.append(np.log(np.clip(softmax(eng.logits(x)[0], m.bundle.temperature), 1e-12, None)))
+        out.append(log_probs(eng.logits(x)[0], m.bundle.temperature))
     return np.mean(out, axis=0), labels
 
 
@@ -168,17 +173,15 @@ def calibrate(bundle: ModelBundle, val_logits: dict[str, np.ndarray], labels: np
     temperature; the headline validation figures."""
     from dataclasses import replace
 
+    from dermtrain.evaluate import validation_figures
     from dermtrain.metrics import fit_temperature, softmax, summarize, threshold_for_sensitivity
 
     t = fit_temperature(val_logits["none"], labels)
     thr = {tta: threshold_for_sensitivity(softmax(v, t)[:, MEL_INDEX], labels == MEL_INDEX, target_sensitivity)
            for tta, v in val_logits.items()}
-    s = summarize(val_logits["none"], labels, t, thr["none"])
-    validation = {k: s[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")} | {
-        "mel_recall": s["per_class"]["mel"], "mel_recall_at_threshold": s["melanoma"]["threshold"]["recall"],
-        "mel_specificity_at_threshold": s["melanoma"]["threshold"]["specificity"]}
     return replace(bundle, temperature=t, mel_threshold=thr["none"],
-                   mel_thresholds={k: v for k, v in thr.items() if k != "none"}, validation=validation)
+                   mel_thresholds={k: v for k, v in thr.items() if k != "none"},
+                   validation=validation_figures(summarize(val_logits["none"], labels, t, thr["none"])))
 
 
 def build_ensemble(paths: list[Path], out: Path, data: Path, split: Path, limit: int | None = None,

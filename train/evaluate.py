@@ -118,11 +118,16 @@ def clinical_metrics(s: Scores, temperature: float, threshold: float, target_sen
         "operating_point": {"class": "mel", "threshold": threshold, "target_sensitivity": target_sensitivity,
                             "chosen_on": "val", "val_recall": val_sum["melanoma"]["threshold"]["recall"],
                             "val_specificity": val_sum["melanoma"]["threshold"]["specificity"]},
-        "validation": {k: val_sum[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}
-                      | {"mel_recall": val_sum["per_class"]["mel"],
-                         "mel_recall_at_threshold": val_sum["melanoma"]["threshold"]["recall"],
-                         "mel_specificity_at_threshold": val_sum["melanoma"]["threshold"]["specificity"]},
+        "validation": validation_figures(val_sum),
     }
+
+
+def validation_figures(val_sum: dict) -> dict:
+    """The headline validation figures a run's calibration and a bundle's metadata carry, from `summarize`."""
+    return ({k: val_sum[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1")}
+            | {"mel_recall": val_sum["per_class"]["mel"],
+               "mel_recall_at_threshold": val_sum["melanoma"]["threshold"]["recall"],
+               "mel_specificity_at_threshold": val_sum["melanoma"]["threshold"]["specificity"]})
 
 
 def write_evaluation(root: Path, metrics: dict, s: Scores, title: str) -> None:

@@ -1,44 +1,86 @@
-"""What the prior shift trades, on validation: the logits of a run's best.pt with a further share of the log-prior added
-(or, negative, taken back), from the validation logits `dermtrain eval RUN` saved. The test split is not read.
+"""What the prior shift trades, on validation: the logits of a model with a further share of the training log-prior
+added (or, negative, taken back), for the top-1 label (balanced accuracy, accuracy) and for the melanoma flag (how
+well p(melanoma) ranks melanomas: ROC AUC, and specificity and share of images flagged at the threshold that keeps
+>= 90% of validation melanomas). The test split is not read.
 
     python bench/prior_shift.py runs/lite0-f3-kd [--shifts -0.25 -0.125 0 0.125 0.25]
+    python bench/prior_shift.py engines/models/efficientnet_lite0.onnx --data $DERM_DATA
+
+A run folder gives its validation logits (`dermtrain eval RUN` saves them) and the log-prior its loss saw; an ONNX
+bundle is run on the validation images of --split, with the log-prior of that split's training images.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from dermtrain.metrics import summarize
+from dermtrain.metrics import auc_binary, binary_rates, softmax, summarize, threshold_for_sensitivity
+from engines.labels import CLASS_CODES, MEL_INDEX
+
+
+class ShiftError(Exception):
+    """Inputs that cannot be scored; str() is one line."""
+
+
+def from_run(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    import torch
+    logits_file, best = run / "logits_test.npz", run / "best.pt"
+    for f, hint in ((logits_file, f"run `dermtrain eval {run}` first"), (best, "has the run finished an epoch?")):
+        if not f.is_file():
+            raise ShiftError(f"{f}: not found ({hint})")
+    d = np.load(logits_file)
+    state = torch.load(best, map_location="cpu", weights_only=False)
+    if "log_prior" not in state:
+        raise ShiftError(f"{best}: not a recipe run (no log_prior in the checkpoint)")
+    return (d["val_logits"], d["val_labels"], np.asarray(state["log_prior"], np.float32),
+            f"prior shift {state['prior_shift']:g} folded into best.pt")
+
+
+def from_bundle(onnx_path: Path, data: Path, split: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    from dermconvert.pipeline import validation_batch
+    from dermtrain.data import load_records
+    from dermtrain.splits import read_manifest, select
+    from engines.onnx_backend import OrtEngine
+    eng = OrtEngine(onnx_path, "cpu")
+    x, y = validation_batch(data, split, eng.bundle.preprocess, progress=False)
+    train = select(read_manifest(split), load_records(data), "train")
+    counts = np.bincount([CLASS_CODES.index(r.dx) for r in train], minlength=len(CLASS_CODES)) + 1.0
+    return (eng.logits(x)[0], y, np.log(counts / counts.sum()).astype(np.float32),
+            f"{eng.describe()}; log-prior of the {len(train):,} training images of {split.name}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", type=Path)
+    ap.add_argument("model", type=Path, help="a run folder, or an ONNX bundle (with --data)")
     ap.add_argument("--shifts", type=float, nargs="+", default=[-0.5, -0.25, -0.125, 0.0, 0.125, 0.25, 0.5, 1.0])
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("DERM_DATA", "../shared/data/ham10000")))
+    ap.add_argument("--split", type=Path, default=Path("splits/ham10000_seed0.csv"))
     a = ap.parse_args(argv)
-    logits_file, best = a.run / "logits_test.npz", a.run / "best.pt"
-    for f, hint in ((logits_file, f"run `dermtrain eval {a.run}` first"), (best, "has the run finished an epoch?")):
-        if not f.is_file():
-            print(f"prior_shift: {f}: not found ({hint})", file=sys.stderr)
-            return 2
-    d = np.load(logits_file)
-    z, y = d["val_logits"], d["val_labels"]
-    state = torch.load(best, map_location="cpu", weights_only=False)
-    if "log_prior" not in state:
-        print(f"prior_shift: {best}: not a recipe run (no log_prior in the checkpoint)", file=sys.stderr)
+    try:
+        if a.model.suffix == ".onnx":
+            z, y, log_prior, what = from_bundle(a.model, a.data, a.split)
+        else:
+            z, y, log_prior, what = from_run(a.model)
+    except Exception as e:  # noqa: BLE001 - one line, whatever failed to load
+        print(f"prior_shift: {e}", file=sys.stderr)
         return 2
-    log_prior = np.asarray(state["log_prior"], np.float32)
-    print(f"{a.run}: prior shift {state['prior_shift']:g} folded into best.pt; validation, n={len(y)}")
-    print("| further shift | balanced accuracy | accuracy | melanoma recall (argmax) |")
-    print("|---|---|---|---|")
+    mel = y == MEL_INDEX
+    print(f"{a.model}: {what}; validation, n={len(y)} ({int(mel.sum())} melanomas)")
+    print("| further shift | balanced accuracy | accuracy | melanoma recall (argmax) | melanoma AUC | "
+          "specificity at >= 90% melanoma recall | validation flagged |")
+    print("|---|---|---|---|---|---|---|")
     for b in a.shifts:
-        s = summarize(z + b * log_prior, y)
+        shifted = z + b * log_prior
+        s = summarize(shifted, y)
+        p_mel = softmax(shifted)[:, MEL_INDEX]
+        flag = binary_rates(p_mel, mel, threshold_for_sensitivity(p_mel, mel, 0.90))
         print(f"| {b:+g} | {100 * s['balanced_accuracy']:.1f}% | {100 * s['accuracy']:.1f}% | "
-              f"{100 * s['per_class']['mel']:.1f}% |")
+              f"{100 * s['per_class']['mel']:.1f}% | {auc_binary(p_mel, mel):.3f} | "
+              f"{100 * flag['specificity']:.1f}% | {100 * (flag['tp'] + flag['fp']) / len(y):.1f}% |")
     return 0
 
 

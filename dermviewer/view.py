@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 from PySide6.QtCore import QRectF, Qt
-from PySide6.QtGui import QColor, QFont, QImage, QPainter, QPen
+from PySide6.QtGui import QColor, QFont, QFontMetricsF, QImage, QPainter, QPen
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
 from dermviewer.inference import Guide, Result
@@ -14,6 +14,34 @@ def to_qimage(arr: np.ndarray) -> QImage:
     h, w, c = arr.shape
     fmt = QImage.Format.Format_RGB888 if c == 3 else QImage.Format.Format_RGBA8888
     return QImage(np.ascontiguousarray(arr).data, w, h, w * c, fmt).copy()
+
+
+WRAP = Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap
+PAD = 6
+
+
+def headline_font() -> QFont:
+    return QFont("Sans", 15, QFont.Weight.Bold)
+
+
+def detail_font() -> QFont:
+    return QFont("Sans", 10)
+
+
+def text_height(font: QFont, width: float, text: str) -> float:
+    """The height `text` takes wrapped to `width` in `font`: boxes grow with their text instead of clipping it
+    (a narrow window wraps the alert's explanation onto a second line)."""
+    return QFontMetricsF(font).boundingRect(QRectF(0, 0, width, 1e5), int(WRAP.value), text).height()
+
+
+def alert_layout(width: float, text: str) -> tuple[QRectF, QRectF, QRectF | None]:
+    """The alert band and its headline and explanation boxes at a widget width, each tall enough for its text."""
+    headline, _, why = text.partition("\n")
+    inner = width - 2 * PAD
+    head = QRectF(PAD, PAD, inner, text_height(headline_font(), inner, headline))
+    detail = QRectF(PAD, head.bottom() + 2, inner, text_height(detail_font(), inner, why)) if why else None
+    band = QRectF(0, 0, width, (detail or head).bottom() + PAD)
+    return band, head, detail
 
 
 class FrameView(QWidget):
@@ -64,30 +92,32 @@ class FrameView(QWidget):
             else:
                 p.drawRect(region)
             if self.heat_caption:
-                cap = QRectF(0, min(region.bottom() + 4, self.height() - 60), self.width(), 22)
+                height = text_height(detail_font(), self.width() - 2 * PAD, self.heat_caption) + 4
+                cap = QRectF(0, min(region.bottom() + 4, self.height() - 38 - height), self.width(), height)
                 p.fillRect(cap, QColor(18, 22, 28, 170))
                 p.setPen(QColor(235, 235, 235))
-                p.setFont(QFont("Sans", 10))
-                p.drawText(cap, Qt.AlignmentFlag.AlignCenter, self.heat_caption)
+                p.setFont(detail_font())
+                p.drawText(cap.adjusted(PAD, 0, -PAD, 0), WRAP, self.heat_caption)
         if self.alert_text:
+            band, head, detail = alert_layout(self.width(), self.alert_text)
             headline, _, why = self.alert_text.partition("\n")
-            band = QRectF(0, 0, self.width(), 66 if why else 54)
             p.fillRect(band, QColor(198, 40, 40, 235))
             p.setPen(QColor("white"))
-            p.setFont(QFont("Sans", 15, QFont.Weight.Bold))
-            p.drawText(QRectF(8, 4, self.width() - 16, 34), Qt.AlignmentFlag.AlignCenter, headline)
-            if why:
-                p.setFont(QFont("Sans", 10))
-                p.drawText(QRectF(8, 38, self.width() - 16, 24),
-                           Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap, why)
+            p.setFont(headline_font())
+            p.drawText(head, WRAP, headline)
+            if detail is not None:
+                p.setFont(detail_font())
+                p.drawText(detail, WRAP, why)
         if self.frozen:
             p.setPen(QColor(255, 214, 0))
             p.setFont(QFont("Sans", 14, QFont.Weight.Bold))
             p.drawText(QRectF(10, self.height() - 34, 200, 28), Qt.AlignmentFlag.AlignLeft, "FROZEN")
         if self.message:
-            box = QRectF(20, self.height() / 2 - 40, self.width() - 40, 80)
+            font = QFont("Sans", 12)
+            height = max(80.0, text_height(font, self.width() - 60, self.message) + 20)
+            box = QRectF(20, (self.height() - height) / 2, self.width() - 40, height)
             p.fillRect(box, QColor(30, 30, 30, 220))
             p.setPen(QColor(255, 196, 0))
-            p.setFont(QFont("Sans", 12))
-            p.drawText(box, Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap, self.message)
+            p.setFont(font)
+            p.drawText(box.adjusted(10, 0, -10, 0), WRAP, self.message)
         p.end()

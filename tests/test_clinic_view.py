@@ -265,3 +265,28 @@ def test_report_pictures_every_suspect_filters_links_and_rounding(tiny_onnx, dat
     assert small.imgs == len(flagged) and all(bool(row.get("img")) == (row["data-file"] in flagged) for row in small.rows)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(page, ARTIFACTS / "report.html")
+
+
+
+@pytest.mark.parametrize("width", [480, 620, 800, 1040])
+def test_alert_band_shows_every_line_of_its_text_at_any_width(qapp, width):
+    """A narrow view wraps the headline and the explanation onto more lines: the band grows with them, so every
+    line is drawn whole inside it (a fixed 66 px band cut the headline's ends and the explanation's second line)."""
+    from PySide6.QtGui import QFontMetricsF
+
+    from dermviewer.app import alert_text
+    from dermviewer.view import FrameView, PAD, detail_font, headline_font, text_height
+    view = FrameView()
+    view.alert_text = alert_text(0.2241, 0.0949)
+    view.resize(width, 400)
+    img = view.grab().toImage()
+    rgb = np.array([[img.pixelColor(x, y).getRgb()[:3] for x in range(width)] for y in range(160)])
+    band_rows = np.flatnonzero(((rgb[:, :, 0] > 150) & (rgb[:, :, 1] < 90)).any(axis=1))
+    text_rows = np.flatnonzero((rgb > 200).all(axis=2).any(axis=1))
+    drawn_lines = 1 + int((np.diff(text_rows) > 1).sum())
+    headline, _, why = view.alert_text.partition("\n")
+    inner = width - 2 * PAD
+    expected = sum(round(text_height(f, inner, t) / QFontMetricsF(f).lineSpacing())
+                   for f, t in ((headline_font(), headline), (detail_font(), why)))
+    assert drawn_lines == expected and (expected > 2 or width > 480), (drawn_lines, expected)
+    assert band_rows[0] == 0 and (np.diff(band_rows) == 1).all() and text_rows.max() < band_rows[-1]

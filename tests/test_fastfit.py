@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from dermtrain.augment import AugmentConfig, apply_dihedral, apply_params, draw_dihedral, draw_params, to_float_nchw
+from dermtrain.augment import (AugmentConfig, apply_dihedral, apply_params, draw_dihedral, draw_mix, draw_params,
+                               to_float_nchw)
 from dermtrain.bank import early_features, make_views, view_params
 from dermtrain.config import ConfigError, load_config, validate, with_overrides
 from dermtrain.fit import fit
@@ -184,6 +185,43 @@ def test_dihedral_gives_each_image_one_of_the_eight_symmetries(sample_images):
 def test_dihedral_is_refused_for_a_bank():
     with pytest.raises(ConfigError, match="dihedral"):
         replace_recipe(load_config("lite0-bank"), dihedral=True)
+
+
+def test_mix_blends_each_input_with_a_partner_and_keeps_its_own_share_the_larger():
+    torch.manual_seed(0)
+    x = torch.randn(16, 8, 3, 3)
+    for alpha in (0.2, 1.0, 5.0):
+        mix = draw_mix(16, alpha)
+        assert sorted(mix.partner.tolist()) == list(range(16)) and 0.5 <= mix.lam <= 1.0
+        mixed = mix.apply(x)
+        assert torch.allclose(mixed[3], mix.lam * x[3] + (1 - mix.lam) * x[mix.partner[3]])
+    lams = [draw_mix(4, 0.2).lam for _ in range(200)]
+    assert np.mean(lams) > np.mean([draw_mix(4, 5.0).lam for _ in range(200)])  # small alpha: mostly one image
+
+
+def test_a_mixup_run_trains_on_the_teachers_bank_and_repeats_itself(teacher_run, data_dir, split_csv, cache_dir,
+                                                                      tmp_path):
+    """Mixup of bank features: no new bank, a different training loss than the unmixed run on the same bank, and
+    the same figures when run again (its draws come from the run's seeds, so a resumed epoch replays them too)."""
+    banks = sorted(cache_dir.glob("bank-*.npy"))
+    cfg = replace_recipe(bank_config(), mixup=0.4)
+    for name in ("whole", "again"):
+        fit(cfg, data_dir, split_csv, tmp_path / name, progress=False)
+    assert sorted(cache_dir.glob("bank-*.npy")) == banks
+    whole, again, plain = (json.loads((d / "history.json").read_text())
+                           for d in (tmp_path / "whole", tmp_path / "again", teacher_run))
+    assert all(np.isfinite(h["train_loss"]) for h in whole)
+    assert [h["train_loss"] for h in again] == pytest.approx([h["train_loss"] for h in whole], abs=1e-6)
+    assert whole[0]["train_loss"] != pytest.approx(plain[0]["train_loss"], abs=1e-6)
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["recipe"]["mixup"] == 0.4
+
+
+def test_mixup_needs_an_alpha_of_at_least_0_and_no_hint():
+    with pytest.raises(ConfigError, match="mixup"):
+        replace_recipe(load_config("lite0-fast"), mixup=-0.1)
+    student = load_config("convnext-hint")
+    with pytest.raises(ConfigError, match="mixup"):
+        replace_recipe(student, mixup=0.2)
 
 
 def test_distilled_student(teacher_run, data_dir, split_csv, tmp_path, cache_dir):
@@ -393,3 +431,27 @@ def test_flip_threshold_is_stored_and_used(tiny_run, data_dir, tmp_path, sample_
     for tta in ("none", "flip"):
         for pred in eng.predict(images, tta):
             assert pred.melanoma_flag == (pred.probs[eng.bundle.mel_index] >= eng.bundle.threshold_for(tta))
+
+
+
+@pytest.mark.parametrize("capability, fast", [("AVX2", False), ("AVX512", True), ("NO AVX", False)])
+def test_bf16_only_where_the_cpu_runs_it_fast(monkeypatch, capability, fast):
+    """On an AVX2 CPU bf16 autocast is emulated (6.7x slower than float32): `amp: auto` and the bank fall back to
+    float32 there, and the bank's cache key says which precision built it."""
+    from types import SimpleNamespace
+
+    from dermtrain import bank
+    from dermtrain.fit import amp_mode
+    from engines.preprocess import PreprocessSpec
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    cpu = torch.device("cpu")
+    cfg = load_config("lite0-fast")
+    assert amp_mode(replace(cfg, amp="auto"), cpu) == ("bf16" if fast else "off")
+    assert amp_mode(replace(cfg, amp="bf16"), cpu) == "bf16"  # asked for by name: as asked
+    built = []
+    monkeypatch.setattr(bank, "build_bank", lambda *a: built.append(a))
+    spec, params = PreprocessSpec(size=192), view_params(5, 2, AugmentConfig(), seed=0)
+    bank.bank_for(cfg, SimpleNamespace(model=torch.nn.Linear(1, 1)), lambda: None, params, spec, "sha", None, False)
+    r = cfg.recipe
+    key = bank.bank_key(cfg.model, cfg.init, r.freeze_at, r.views, spec, "sha", cfg.augment, cfg.seed, 5, fast)
+    assert [(b[4], b[-1]) for b in built] == [(key, fast)]

@@ -119,6 +119,24 @@ def apply_dihedral(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@dataclass(frozen=True)
+class Mix:
+    """Mixup of a batch with a permutation of itself: input i becomes lam * x[i] + (1 - lam) * x[partner[i]], and
+    its loss the same blend of the two images' losses. lam >= 0.5, so each input's own label stays the larger."""
+    partner: torch.Tensor
+    lam: float
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.lam + x[self.partner] * (1 - self.lam)
+
+
+def draw_mix(n: int, alpha: float) -> Mix:
+    """One mixing weight per batch from Beta(alpha, alpha) and a random pairing, from torch's global generator. It
+    mixes images and feature maps alike: on a bank, the frozen stages' outputs of two views."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    return Mix(torch.randperm(n), max(lam, 1 - lam))
+
+
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from dermtrain.augment import AugmentConfig, AugmentParams, apply_params, draw_params, to_float_nchw
 from dermtrain.config import TrainConfig
+from dermtrain.precision import bf16_is_fast
 from dermtrain.augment import normalize as torch_normalize
 from dermtrain.stages import Cut
 from engines.fsutil import atomic_path
@@ -92,15 +93,16 @@ def bank_for(cfg: TrainConfig, cut: Cut, images: Images, params: AugmentParams, 
     place a teacher's training and a student's distillation agree on what its key is."""
     r = cfg.recipe
     n = params.angle.shape[1]
-    key = bank_key(cfg.model, cfg.init, r.freeze_at, r.views, spec, split_sha256, cfg.augment, cfg.seed, n,
-                   r.bank_bf16)
-    return build_bank(cut, images, params, spec, key, cache_dir or default_cache_dir(), progress, r.bank_bf16)
+    bf16 = r.bank_bf16 and bf16_is_fast(next(cut.model.parameters()).device)  # the key says what was computed
+    key = bank_key(cfg.model, cfg.init, r.freeze_at, r.views, spec, split_sha256, cfg.augment, cfg.seed, n, bf16)
+    return build_bank(cut, images, params, spec, key, cache_dir or default_cache_dir(), progress, bf16)
 
 
 def build_bank(cut: Cut, images: Images, params: AugmentParams, spec: PreprocessSpec, key: str,
                cache_dir: Path | None, progress: bool = True, bf16: bool = True) -> np.ndarray:
     """K x N x C x h x w float16, from the disk cache when one with this key exists. bf16 autocast makes the
-    build 2.6x faster on these CPUs (Lite0 @192: 180 vs 68 images/s); the features are stored as float16."""
+    build 2.6x faster on an AVX-512 CPU (Lite0 @192: 180 vs 68 images/s; `dermtrain.precision`); the features are
+    stored as float16."""
     path = (cache_dir / f"bank-{key}.npy") if cache_dir else None
     if path is not None and path.is_file():
         bank = np.load(path)

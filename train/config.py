@@ -50,9 +50,10 @@ class Recipe:
     tau: float = 1.0  # logit adjustment strength
     views: int = 6
     freeze_at: int = 4
-    bank_bf16: bool = True  # build the bank under bfloat16 autocast (validation features stay float32)
+    bank_bf16: bool = True  # bfloat16 autocast for the bank where it is fast (`dermtrain.precision`); val: float32
     prior_grid: tuple[float, ...] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
     dihedral: bool = False  # freeze_at 0 only: each step also flips / transposes its views at random
+    mixup: float = 0.0  # Beta(alpha, alpha) mixup of each batch's inputs (bank features or views); 0: none
     holdout: tuple[int, int] | None = None  # (fold, folds): train without that lesion fold (`dermtrain.folds`)
     distill: DistillConfig | None = None
     # The run's own draws (initial weights, sampling order, each step's view, drop-path); None: the config's `seed`.
@@ -149,6 +150,10 @@ def validate_recipe(r: Recipe) -> None:
         raise ConfigError("recipe.distill needs at least one teacher run folder")
     if r.distill is not None and (r.distill.hint < 0 or r.distill.hint_at < 1):
         raise ConfigError("recipe.distill needs hint >= 0 and hint_at >= 1")
+    if r.mixup < 0:
+        raise ConfigError(f"recipe.mixup is a Beta distribution's alpha: 0 (off) or more, not {r.mixup}")
+    if r.mixup and r.distill is not None and r.distill.hint:
+        raise ConfigError("recipe.mixup and recipe.distill.hint do not combine: a mixed input has no teacher features")
     if r.distill is not None and r.distill.hint and r.freeze_at:
         raise ConfigError("recipe.distill.hint is for end-to-end students (freeze_at 0): a bank's stages are frozen")
 

@@ -5,7 +5,8 @@
 - freeze_at = 0 (students): the whole network trains on the same views, and with `distill` learns the teachers'
   soft targets for each view (`dermtrain.distill`) beside the labels, and with `distill.hint` the first teacher's
   bank features too (`dermtrain.hints`); with `dihedral` each step also mirrors or transposes its views at random,
-  against the same targets (the hint's feature maps turn with them).
+  against the same targets (the hint's feature maps turn with them). With `mixup` each batch is blended with a
+  permutation of itself (images or bank features), and its loss with the same weights.
 Both use a one-cycle or cosine schedule with warm-up, an EMA of the weights (BatchNorm buffers included), label
 smoothing and a class-balanced loss. `best.pt` holds the EMA weights with `prior_shift` x log-prior folded into
 the classifier bias, the shift chosen on validation: the ONNX export and every runtime then run those logits.
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dermtrain.augment import AugmentParams, apply_dihedral, draw_dihedral
+from dermtrain.augment import AugmentParams, apply_dihedral, draw_dihedral, draw_mix
 from dermtrain.bank import Images, bank_for, early_features, make_views, view_params
 from dermtrain.cache import build_cache, labels_of
 from dermtrain.config import Recipe, TrainConfig
@@ -246,6 +247,16 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
         # The teachers' targets already carry their own prior shift, so a student may need to take some back.
         prior_grid = tuple(sorted(set(prior_grid) | {-0.25, -0.125}))
     eval_model = copy.deepcopy(model) if ema is not None else model
+
+    def objective(logits: torch.Tensor, idx: np.ndarray, v: np.ndarray, y: torch.Tensor) -> torch.Tensor:
+        """The label loss of these images, blended with the teachers' soft targets for these views."""
+        loss = base_loss(logits, y)
+        if teacher is None:
+            return loss
+        a = r.distill.alpha
+        soft = distill_loss(logits, teacher[torch.from_numpy(v), torch.from_numpy(idx)].to(device),
+                            r.distill.temperature)
+        return a * soft + (1 - a) * loss
     bias_key = classifier_bias_key(model)
 
     for epoch in range(start, r.epochs):
@@ -266,15 +277,16 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
             bits = draw_dihedral(len(idx)) if r.dihedral else None
             if bits is not None:
                 x = apply_dihedral(x, bits.to(x.device))
+            mix = draw_mix(len(idx), r.mixup) if r.mixup else None
+            if mix is not None:
+                x = mix.apply(x)
             with amp:
                 logits, features = hint(x) if hint is not None else (inputs.forward(model, x), None)
             logits = logits.float()
-            loss = base_loss(logits, y)
-            if teacher is not None:
-                a = r.distill.alpha
-                soft = distill_loss(logits, teacher[torch.from_numpy(v), torch.from_numpy(idx)].to(device),
-                                    r.distill.temperature)
-                loss = a * soft + (1 - a) * loss
+            loss = objective(logits, idx, v, y)
+            if mix is not None:  # both losses are linear in the target, so this is the loss of the mixed target
+                p = mix.partner.numpy()
+                loss = mix.lam * loss + (1 - mix.lam) * objective(logits, idx[p], v[p], y[mix.partner.to(device)])
             if hint is not None:
                 hint_loss = hint.loss(features, idx, v, bits)
                 loss = loss + r.distill.hint * hint_loss

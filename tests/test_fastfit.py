@@ -436,7 +436,7 @@ def test_flip_threshold_is_stored_and_used(tiny_run, data_dir, tmp_path, sample_
 
 @pytest.mark.parametrize("capability, fast", [("AVX2", False), ("AVX512", True), ("NO AVX", False)])
 def test_bf16_only_where_the_cpu_runs_it_fast(monkeypatch, capability, fast):
-    """On an AVX2 CPU bf16 autocast is emulated (6.7x slower than float32): `amp: auto` and the bank fall back to
+    """On an AVX2 CPU bf16 autocast is emulated (8x slower than float32): `amp: auto` and the bank fall back to
     float32 there, and the bank's cache key says which precision built it."""
     from types import SimpleNamespace
 

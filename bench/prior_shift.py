@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dermtrain.metrics import auc_binary, binary_rates, softmax, summarize, threshold_for_sensitivity
-from engines.labels import CLASS_CODES, MEL_INDEX
+from engines.labels import MEL_INDEX
 
 
 class ShiftError(Exception):
@@ -42,14 +42,15 @@ def from_run(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
 
 def from_bundle(onnx_path: Path, data: Path, split: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     from dermconvert.pipeline import validation_batch
+    from dermtrain.cache import labels_of
     from dermtrain.data import load_records
+    from dermtrain.fit import sampled_log_prior
     from dermtrain.splits import read_manifest, select
     from engines.onnx_backend import OrtEngine
     eng = OrtEngine(onnx_path, "cpu")
     x, y = validation_batch(data, split, eng.bundle.preprocess, progress=False)
     train = select(read_manifest(split), load_records(data), "train")
-    counts = np.bincount([CLASS_CODES.index(r.dx) for r in train], minlength=len(CLASS_CODES)) + 1.0
-    return (eng.logits(x)[0], y, np.log(counts / counts.sum()).astype(np.float32),
+    return (eng.logits(x)[0], y, sampled_log_prior(labels_of(train)),
             f"{eng.describe()}; log-prior of the {len(train):,} training images of {split.name}")
 
 

@@ -34,14 +34,17 @@ def text_height(font: QFont, width: float, text: str) -> float:
     return QFontMetricsF(font).boundingRect(QRectF(0, 0, width, 1e5), int(WRAP.value), text).height()
 
 
-def alert_layout(width: float, text: str) -> tuple[QRectF, QRectF, QRectF | None]:
-    """The alert band and its headline and explanation boxes at a widget width, each tall enough for its text."""
+def alert_layout(width: float, text: str) -> tuple[QRectF, list[tuple[QRectF, QFont, str]]]:
+    """The alert band and its lines (box, font, text: the headline, then the explanation if any) at a widget width,
+    each box tall enough for its wrapped text."""
     headline, _, why = text.partition("\n")
-    inner = width - 2 * PAD
-    head = QRectF(PAD, PAD, inner, text_height(headline_font(), inner, headline))
-    detail = QRectF(PAD, head.bottom() + 2, inner, text_height(detail_font(), inner, why)) if why else None
-    band = QRectF(0, 0, width, (detail or head).bottom() + PAD)
-    return band, head, detail
+    inner, top, parts = width - 2 * PAD, float(PAD), []
+    for font, line in ((headline_font(), headline), (detail_font(), why)):
+        if line:
+            box = QRectF(PAD, top, inner, text_height(font, inner, line))
+            parts.append((box, font, line))
+            top = box.bottom() + 2
+    return QRectF(0, 0, width, top - 2 + PAD), parts
 
 
 class FrameView(QWidget):
@@ -99,15 +102,12 @@ class FrameView(QWidget):
                 p.setFont(detail_font())
                 p.drawText(cap.adjusted(PAD, 0, -PAD, 0), WRAP, self.heat_caption)
         if self.alert_text:
-            band, head, detail = alert_layout(self.width(), self.alert_text)
-            headline, _, why = self.alert_text.partition("\n")
+            band, parts = alert_layout(self.width(), self.alert_text)
             p.fillRect(band, QColor(198, 40, 40, 235))
             p.setPen(QColor("white"))
-            p.setFont(headline_font())
-            p.drawText(head, WRAP, headline)
-            if detail is not None:
-                p.setFont(detail_font())
-                p.drawText(detail, WRAP, why)
+            for box, font, line in parts:
+                p.setFont(font)
+                p.drawText(box, WRAP, line)
         if self.frozen:
             p.setPen(QColor(255, 214, 0))
             p.setFont(QFont("Sans", 14, QFont.Weight.Bold))

@@ -32,8 +32,9 @@ from dermtrain.bank import Images, bank_for, early_features, make_views, view_pa
 from dermtrain.cache import build_cache, labels_of
 from dermtrain.config import Recipe, TrainConfig
 from dermtrain.data import load_records
-from dermtrain.fit import (SAMPLING_POWER, RunFiles, ResumeError, amp_context, code_version, load_resume,
-                           predict_logits, preprocess_spec, sample_order, save_checkpoint, write_run_files)
+from dermtrain.fit import (RunFiles, ResumeError, amp_context, code_version, load_resume,
+                           predict_logits, preprocess_spec, sample_order, sampled_log_prior, save_checkpoint,
+                           write_run_files)
 from dermtrain.folds import fitted_indices
 from dermtrain.losses import FocalLoss
 from dermtrain.metrics import summarize
@@ -197,9 +198,7 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
     def train_images() -> np.ndarray:  # a bank run needs them only when its bank is not cached
         return build_cache(train_recs, spec, "caching train", progress)[0]
     # The class prior the loss sees: the fitted images' frequencies, flattened by class-balanced sampling.
-    counts = np.bincount(train_y[fitted], minlength=K).astype(np.float64) + 1.0
-    counts **= 1 - SAMPLING_POWER[cfg.sampling]
-    log_prior_np = np.log(counts / counts.sum()).astype(np.float32)
+    log_prior_np = sampled_log_prior(train_y[fitted], cfg.sampling)
     log_prior = torch.from_numpy(log_prior_np).to(device)
 
     if r.freeze_at:

@@ -92,6 +92,14 @@ def amp_context(cfg: TrainConfig, device: torch.device):
 SAMPLING_POWER = {"uniform": 0.0, "sqrt": 0.5, "balanced": 1.0}  # images drawn with weight 1 / count ** power
 
 
+def sampled_log_prior(labels: np.ndarray, sampling: str = "uniform") -> np.ndarray:
+    """The log class prior a loss sees when these labels are drawn with `sampling` (add-one counts, flattened by
+    class-balanced sampling): what logit adjustment subtracts and a prior shift adds back."""
+    counts = np.bincount(labels, minlength=len(CLASS_CODES)).astype(np.float64) + 1.0
+    counts **= 1 - SAMPLING_POWER[sampling]
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
 def sample_order(labels: np.ndarray, sampling: str, g: torch.Generator) -> torch.Tensor:
     """Positions into `labels` for one epoch: a permutation (uniform), or len(labels) draws with replacement
     weighted by 1 / class count ** power (sqrt, balanced)."""

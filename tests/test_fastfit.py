@@ -1,5 +1,6 @@
 """The fast path: feature bank, recipe training, distillation and per-view thresholds, trained tiny on real images."""
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -455,3 +456,55 @@ def test_bf16_only_where_the_cpu_runs_it_fast(monkeypatch, capability, fast):
     r = cfg.recipe
     key = bank.bank_key(cfg.model, cfg.init, r.freeze_at, r.views, spec, "sha", cfg.augment, cfg.seed, 5, fast)
     assert [(b[4], b[-1]) for b in built] == [(key, fast)]
+
+
+def test_a_soup_averages_unshifted_weights_chooses_its_own_shift_and_evaluates_as_a_run(
+        teacher_run, tiny_run, data_dir, split_csv, cache_dir, tmp_path, capsys):
+    from dermtrain.cli import main
+    from dermtrain.evaluate import evaluate
+    from dermtrain.fastfit import classifier_bias_key
+    from dermtrain.models import create_model
+
+    seed1 = tmp_path / "seed1"
+    fit(replace_recipe(bank_config(), train_seed=1), data_dir, split_csv, seed1, progress=False)
+    assert main(["soup", str(teacher_run), str(seed1), "--out", str(tmp_path / "soup"), "--data", str(data_dir)]) == 0
+    assert "soup" in capsys.readouterr().out
+    load = lambda d: torch.load(d / "best.pt", map_location="cpu", weights_only=False)  # noqa: E731
+    a, b, soup = load(teacher_run), load(seed1), load(tmp_path / "soup")
+    key = classifier_bias_key(create_model(a["config"]["model"]))
+    prior = torch.tensor(a["log_prior"])
+    unshift = lambda s: s["model"][key] - s["prior_shift"] * prior  # noqa: E731
+    assert torch.allclose(unshift(soup), (unshift(a) + unshift(b)) / 2, atol=1e-6)
+    weight = key.replace("bias", "weight")
+    assert torch.allclose(soup["model"][weight], (a["model"][weight] + b["model"][weight]) / 2, atol=1e-6)
+    info = json.loads((tmp_path / "soup" / "run.json").read_text())
+    assert [i["train_seed"] for i in info["soup"]] == [None, 1] and info["prior_shift"] == soup["prior_shift"]
+
+    m = evaluate(tmp_path / "soup", data_dir, "val", progress=False)  # the soup as any run: its own shift
+    assert m["balanced_accuracy"] == pytest.approx(info["val_balanced_acc"], abs=1e-9)
+    assert "soup of teacher (epoch" in (tmp_path / "soup" / "report.md").read_text()
+
+    assert main(["soup", str(teacher_run), str(teacher_run), "--out", str(tmp_path / "self"),
+                 "--data", str(data_dir), "--quiet"]) == 0  # a run with itself is that run
+    self_soup = load(tmp_path / "self")
+    assert all(torch.allclose(self_soup["model"][k].float(), v.float(), atol=1e-5) for k, v in a["model"].items())
+
+
+def test_a_soup_refuses_runs_that_cannot_be_averaged(teacher_run, tiny_run, data_dir, tmp_path, capsys):
+    from dermtrain.cli import main
+
+    other = tmp_path / "other"
+    other.mkdir()
+    state = torch.load(teacher_run / "best.pt", map_location="cpu", weights_only=False)
+    state["config"] = {**state["config"], "img_size": 96}
+    torch.save(state, other / "best.pt")
+    cases = [([teacher_run, other], "differs from .* in img_size"), ([teacher_run, tiny_run], "not a fast-path run"),
+             ([teacher_run], "at least two runs"), ([teacher_run, tmp_path / "nothing"], "checkpoint not found")]
+    for runs, message in cases:
+        out = tmp_path / "soup"
+        assert main(["soup", *map(str, runs), "--out", str(out), "--data", str(data_dir)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and re.search(message, err), err
+        assert not out.exists()
+    assert main(["soup", str(teacher_run), str(teacher_run), "--out", str(teacher_run), "--data", str(data_dir)]) == 2
+    assert "already holds a model" in capsys.readouterr().err

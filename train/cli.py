@@ -1,4 +1,4 @@
-"""`dermtrain`: check-data, split, fit, eval, bench. Each subcommand does one thing."""
+"""`dermtrain`: check-data, split, fit, soup, eval, bench. Each subcommand does one thing."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +62,18 @@ def cmd_fit(a) -> int:
               device=a.device)
     if res["history"]:
         print(f"done: best validation balanced accuracy {res['best_balanced_acc']:.4f}; run folder {a.out}")
+    return 0
+
+
+def cmd_soup(a) -> int:
+    from dermtrain.data import resolve_data_dir
+    from dermtrain.soup import make_soup
+
+    res = make_soup([Path(r) for r in a.runs], resolve_data_dir(a.data), Path(a.out), progress=not a.quiet)
+    for i in res.ingredients:
+        print(f"{i.run}: epoch {i.epoch}, validation balanced accuracy {i.val_balanced_acc:.4f}")
+    print(f"soup {a.out}: validation accuracy {res.val['accuracy']:.4f} balanced accuracy "
+          f"{res.val['balanced_accuracy']:.4f} (prior shift {res.prior_shift:g}); next: dermtrain eval {a.out}")
     return 0
 
 
@@ -169,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("soup", help="one model from the averaged weights of runs of one recipe (seeds)")
+    p.add_argument("runs", nargs="+", help="run folders of one fast-path recipe (differing in --train-seed, mixup)")
+    p.add_argument("--out", required=True, help="run folder for the soup")
+    _add_data(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_soup)
 
     p = sub.add_parser("bench", help="training images/s: real loader vs synthetic tensors")
     _add_data(p)

@@ -189,10 +189,12 @@ def _pct(x: float) -> str:
 
 def render_report(m: dict, tag: str = "") -> str:
     mel_a, mel_t = m["melanoma"]["argmax"], m["melanoma"]["threshold"]
+    epoch = m["checkpoint_epoch"]  # None: a bundle; a string: a soup of runs (dermtrain.soup)
     lines = [
         f"# Evaluation: {m['model']} @ {m['img_size']} px on the {m['split']} split",
         "",
-        (f"Run `{m['run']}`, checkpoint of epoch {m['checkpoint_epoch']}" if m["checkpoint_epoch"] is not None else
+        (f"Run `{m['run']}`, " + (f"checkpoint of epoch {epoch}" if isinstance(epoch, int) else str(epoch))
+         if epoch is not None else
          f"Bundle `{m['run']}` ({m.get('precision', 'fp32')}) as it runs, with its own temperature and threshold")
         + f", {m['n']} images, test-time views: {m['tta']}. "
         f"Split manifest sha256 `{m['split_sha256'][:12]}…` (lesion-level, no lesion in two splits).",
@@ -230,7 +232,7 @@ def render_report(m: dict, tag: str = "") -> str:
         "",
         f"![confusion matrix](confusion_matrix{tag}.png)",
         "",
-        *(["![training curves](training_curves.png)", ""] if m["checkpoint_epoch"] is not None else []),
+        *(["![training curves](training_curves.png)", ""] if isinstance(epoch, int) else []),
         "Decision support, not a diagnosis.",
         "",
     ]

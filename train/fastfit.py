@@ -121,6 +121,15 @@ def choose_prior_shift(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray,
     return best[1], best[2]
 
 
+
+def prior_grid(r: Recipe) -> tuple[float, ...]:
+    """The prior shifts validation chooses from."""
+    if r.distill is None:
+        return tuple(r.prior_grid)
+    # The teachers' targets already carry their own prior shift, so a student may need to take some back.
+    return tuple(sorted(set(r.prior_grid) | {-0.25, -0.125}))
+
+
 @dataclass
 class Inputs:
     """What one training step feeds the trainable part: bank features, or views made on the fly."""
@@ -241,10 +250,7 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
         if hint is not None:
             hint.load_state_dict(state["hint"])
         history, best, start = state["history"], state["best_balanced_acc"], state["epoch"]
-    prior_grid = r.prior_grid
-    if r.distill is not None:
-        # The teachers' targets already carry their own prior shift, so a student may need to take some back.
-        prior_grid = tuple(sorted(set(prior_grid) | {-0.25, -0.125}))
+    grid = prior_grid(r)
     eval_model = copy.deepcopy(model) if ema is not None else model
 
     def objective(logits: torch.Tensor, idx: np.ndarray, v: np.ndarray, y: torch.Tensor) -> torch.Tensor:
@@ -305,7 +311,7 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
         if ema is not None:
             eval_model.load_state_dict(ema.state)
         logits = inputs.val_logits(eval_model)
-        beta, s = choose_prior_shift(logits, val_y, log_prior_np, prior_grid)
+        beta, s = choose_prior_shift(logits, val_y, log_prior_np, grid)
         val_loss = float(F.cross_entropy(torch.from_numpy(logits + beta * log_prior_np), torch.from_numpy(val_y)))
         rec = {"epoch": epoch + 1, "phase": 0, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / seen,
                "train_acc": correct / seen, "images_per_s": seen / seconds, "val_loss": val_loss,

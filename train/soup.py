@@ -1,0 +1,130 @@
+"""`dermtrain soup`: one model from the averaged weights of several runs of one recipe (a uniform model soup,
+Wortsman et al. 2022).
+
+Runs of a fast-path recipe that differ only in their own draws (`--train-seed`, `mixup`) fine-tune the same ImageNet
+weights behind the same frozen stages, so their weights tend to lie in one basin, where their average can score
+above each of them at the latency of one. Each run's `best.pt` carries its own prior shift in the classifier bias
+(`dermtrain.fastfit`): the soup averages the unshifted weights and chooses its own shift on validation, as a run
+does every epoch. The result is an ordinary run folder (config, split, `best.pt`, `run.json` naming the
+ingredients) that `dermtrain eval` and `dermconvert` take as they take any run.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dermtrain.cache import build_cache
+from dermtrain.config import from_dict
+from dermtrain.data import load_records
+from dermtrain.evaluate import EvalError, tta_logits
+from dermtrain.fastfit import choose_prior_shift, classifier_bias_key, prior_grid
+from dermtrain.fit import RunFiles, save_checkpoint, write_run_files
+from dermtrain.models import create_model
+from dermtrain.splits import manifest_sha256, read_manifest, select
+from engines.preprocess import PreprocessSpec
+
+# What every ingredient must share for its weights to mean the same thing; the recipe may differ in its draws.
+SAME = ("model", "img_size", "init", "freeze_at", "split_sha256", "log_prior", "classes")
+
+
+@dataclass(frozen=True)
+class Ingredient:
+    run: Path
+    epoch: int | str  # a soup's own 'epoch' names its ingredients
+    val_balanced_acc: float
+    state: dict
+
+
+@dataclass(frozen=True)
+class SoupResult:
+    ingredients: list[Ingredient]
+    prior_shift: float
+    val: dict  # summarize() of the soup on validation
+
+
+def _load(run_dir: Path) -> Ingredient:
+    path = RunFiles(run_dir).best
+    if not path.is_file():
+        raise EvalError(f"{path}: checkpoint not found (has the run finished an epoch?)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "log_prior" not in state:
+        raise EvalError(f"{path}: not a fast-path run (no prior shift in its checkpoint); a soup needs `recipe` runs")
+    return Ingredient(Path(run_dir), state["epoch"], float(state["best_balanced_acc"]), state)
+
+
+def _signature(ing: Ingredient) -> dict:
+    cfg = ing.state["config"]
+    return {"model": cfg["model"], "img_size": cfg["img_size"], "init": cfg.get("init"),
+            "freeze_at": (cfg.get("recipe") or {}).get("freeze_at"), "split_sha256": ing.state["split_sha256"],
+            "log_prior": [round(v, 6) for v in ing.state["log_prior"]], "classes": ing.state["classes"]}
+
+
+def _unshifted(ing: Ingredient, bias_key: str) -> dict[str, torch.Tensor]:
+    weights = {k: v.clone() for k, v in ing.state["model"].items()}
+    weights[bias_key] -= float(ing.state["prior_shift"]) * torch.tensor(ing.state["log_prior"], dtype=torch.float32)
+    return weights
+
+
+def _training_time(run_dir: Path) -> dict:
+    """Epochs and minutes (bank included) of a run, from its history, for the soup's own record."""
+    hist_path = RunFiles(run_dir).history
+    hist = json.loads(hist_path.read_text()) if hist_path.is_file() else []
+    return {"epochs": len(hist),
+            "minutes": round(sum(h.get("seconds", 0) + h.get("bank_seconds", 0) for h in hist) / 60, 1)}
+
+
+def average(weights: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The mean of each floating-point tensor; counters (BatchNorm's num_batches_tracked) from the first."""
+    return {k: (torch.stack([w[k] for w in weights]).mean(0) if v.is_floating_point() else v.clone())
+            for k, v in weights[0].items()}
+
+
+def make_soup(run_dirs: list[Path], data_dir: Path, out: Path, progress: bool = True) -> SoupResult:
+    if len(run_dirs) < 2:
+        raise EvalError("a soup needs at least two runs")
+    if RunFiles(out).best.exists():
+        raise EvalError(f"{out}: already holds a model; pick a new --out")
+    ings = [_load(Path(r)) for r in run_dirs]
+    first = _signature(ings[0])
+    for ing in ings[1:]:
+        sig = _signature(ing)
+        diff = [k for k in SAME if sig[k] != first[k]]
+        if diff:
+            raise EvalError(f"{ing.run}: differs from {ings[0].run} in {', '.join(diff)}; its weights cannot be "
+                            "averaged with them")
+
+    cfg = from_dict(ings[0].state["config"])
+    spec = PreprocessSpec.from_dict(ings[0].state["preprocess"])
+    model = create_model(cfg.model, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
+    bias_key = classifier_bias_key(model)
+    model.load_state_dict(average([_unshifted(i, bias_key) for i in ings]))
+    model.eval()
+
+    split = RunFiles(ings[0].run).split
+    if manifest_sha256(split) != ings[0].state["split_sha256"]:
+        raise EvalError(f"{split}: differs from the manifest the model was trained on")
+    val_recs = select(read_manifest(split), load_records(data_dir), "val", cfg.limit, cfg.seed)
+    val_x, val_y = build_cache(val_recs, spec, "caching val", progress)
+    logits = tta_logits(model, val_x, spec, "none", cfg.eval_batch_size)
+    log_prior = np.asarray(ings[0].state["log_prior"], dtype=np.float32)
+    beta, summary = choose_prior_shift(logits, val_y, log_prior, prior_grid(cfg.recipe))
+
+    deploy = model.state_dict()
+    deploy[bias_key] = deploy[bias_key] + beta * torch.from_numpy(log_prior)
+    run = RunFiles(out)
+    recipe = [{"run": str(i.run), "epoch": i.epoch, "val_balanced_acc": i.val_balanced_acc,
+               "train_seed": (i.state["config"].get("recipe") or {}).get("train_seed"),
+               "mixup": (i.state["config"].get("recipe") or {}).get("mixup"), **_training_time(i.run)} for i in ings]
+    write_run_files(run, cfg, split, ings[0].state["split_sha256"], data_dir, spec,
+                    {"path": "soup", "soup": recipe, "prior_shift": beta,
+                     "val_accuracy": summary["accuracy"], "val_balanced_acc": summary["balanced_accuracy"]})
+    save_checkpoint(run.best, {**{k: ings[0].state[k] for k in ("config", "preprocess", "split_sha256", "classes",
+                                                                "log_prior", "code_version")},
+                               "epoch": "soup of " + ", ".join(f"{i.run.name} (epoch {i.epoch})" for i in ings),
+                               "phase": 0, "history": None, "best_balanced_acc": summary["balanced_accuracy"],
+                               "model": deploy, "prior_shift": beta})
+    return SoupResult(ings, beta, summary)

@@ -484,6 +484,14 @@ def test_a_soup_averages_unshifted_weights_chooses_its_own_shift_and_evaluates_a
     assert m["balanced_accuracy"] == pytest.approx(info["val_balanced_acc"], abs=1e-9)
     assert "soup of teacher (epoch" in (tmp_path / "soup" / "report.md").read_text()
 
+    assert main(["soup", str(teacher_run), str(seed1), "--greedy", "--out", str(tmp_path / "greedy"),
+                 "--data", str(data_dir), "--quiet"]) == 0
+    greedy = json.loads((tmp_path / "greedy" / "run.json").read_text())
+    tried = greedy["soup"] + greedy["left_out"]
+    assert greedy["greedy"] and len(tried) == 2 and greedy["soup"][0]["val_balanced_acc"] == max(
+        i["val_balanced_acc"] for i in tried)
+    assert greedy["val_balanced_acc"] >= greedy["soup"][0]["val_balanced_acc"] - 1e-6  # never below its best run
+
     assert main(["soup", str(teacher_run), str(teacher_run), "--out", str(tmp_path / "self"),
                  "--data", str(data_dir), "--quiet"]) == 0  # a run with itself is that run
     self_soup = load(tmp_path / "self")

@@ -69,11 +69,13 @@ def cmd_soup(a) -> int:
     from dermtrain.data import resolve_data_dir
     from dermtrain.soup import make_soup
 
-    res = make_soup([Path(r) for r in a.runs], resolve_data_dir(a.data), Path(a.out), progress=not a.quiet)
-    for i in res.ingredients:
-        print(f"{i.run}: epoch {i.epoch}, validation balanced accuracy {i.val_balanced_acc:.4f}")
+    res = make_soup([Path(r) for r in a.runs], resolve_data_dir(a.data), Path(a.out), a.greedy, not a.quiet)
+    for i in res.ingredients + res.left_out:
+        print(f"{i.run}: epoch {i.epoch}, validation balanced accuracy {i.val_balanced_acc:.4f}"
+              + ("" if i in res.ingredients else " (left out: the soup scored lower with it)"))
     print(f"soup {a.out}: validation accuracy {res.val['accuracy']:.4f} balanced accuracy "
-          f"{res.val['balanced_accuracy']:.4f} (prior shift {res.prior_shift:g}); next: dermtrain eval {a.out}")
+          f"{res.val['balanced_accuracy']:.4f} melanoma recall {res.val['per_class']['mel']:.4f} "
+          f"(prior shift {res.prior_shift:g}); next: dermtrain eval {a.out}")
     return 0
 
 
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("soup", help="one model from the averaged weights of runs of one recipe (seeds)")
     p.add_argument("runs", nargs="+", help="run folders of one fast-path recipe (differing in --train-seed, mixup)")
     p.add_argument("--out", required=True, help="run folder for the soup")
+    p.add_argument("--greedy", action="store_true",
+                   help="add the runs best first, each only if the soup's validation balanced accuracy rises")
     _add_data(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_soup)

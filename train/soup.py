@@ -5,7 +5,7 @@ Runs of a fast-path recipe that differ only in their own draws (`--train-seed`, 
 weights behind the same frozen stages, so their weights tend to lie in one basin, where their average can score
 above each of them at the latency of one. Each run's `best.pt` carries its own prior shift in the classifier bias
 (`dermtrain.fastfit`): the soup averages the unshifted weights and chooses its own shift on validation, as a run
-does every epoch. The result is an ordinary run folder (config, split, `best.pt`, `run.json` naming the
+does every epoch. A greedy soup keeps only the runs that raise its validation score. The result is an ordinary run folder (config, split, `best.pt`, `run.json` naming the
 ingredients) that `dermtrain eval` and `dermconvert` take as they take any run.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from engines.preprocess import PreprocessSpec
 SAME = ("model", "img_size", "init", "freeze_at", "split_sha256", "log_prior", "classes")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one per run loaded: compared by identity
 class Ingredient:
     run: Path
     epoch: int | str  # a soup's own 'epoch' names its ingredients
@@ -41,7 +41,8 @@ class Ingredient:
 
 @dataclass(frozen=True)
 class SoupResult:
-    ingredients: list[Ingredient]
+    ingredients: list[Ingredient]  # in the soup
+    left_out: list[Ingredient]  # tried by a greedy soup and not kept
     prior_shift: float
     val: dict  # summarize() of the soup on validation
 
@@ -83,12 +84,7 @@ def average(weights: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
             for k, v in weights[0].items()}
 
 
-def make_soup(run_dirs: list[Path], data_dir: Path, out: Path, progress: bool = True) -> SoupResult:
-    if len(run_dirs) < 2:
-        raise EvalError("a soup needs at least two runs")
-    if RunFiles(out).best.exists():
-        raise EvalError(f"{out}: already holds a model; pick a new --out")
-    ings = [_load(Path(r)) for r in run_dirs]
+def _check(ings: list[Ingredient]) -> None:
     first = _signature(ings[0])
     for ing in ings[1:]:
         sig = _signature(ing)
@@ -97,34 +93,65 @@ def make_soup(run_dirs: list[Path], data_dir: Path, out: Path, progress: bool = 
             raise EvalError(f"{ing.run}: differs from {ings[0].run} in {', '.join(diff)}; its weights cannot be "
                             "averaged with them")
 
-    cfg = from_dict(ings[0].state["config"])
-    spec = PreprocessSpec.from_dict(ings[0].state["preprocess"])
-    model = create_model(cfg.model, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)
-    bias_key = classifier_bias_key(model)
-    model.load_state_dict(average([_unshifted(i, bias_key) for i in ings]))
-    model.eval()
 
+def _record(ing: Ingredient) -> dict:
+    r = ing.state["config"].get("recipe") or {}
+    return {"run": str(ing.run), "epoch": ing.epoch, "val_balanced_acc": ing.val_balanced_acc,
+            "train_seed": r.get("train_seed"), "mixup": r.get("mixup"), **_training_time(ing.run)}
+
+
+def make_soup(run_dirs: list[Path], data_dir: Path, out: Path, greedy: bool = False,
+              progress: bool = True) -> SoupResult:
+    """The uniform soup of `run_dirs`, or with `greedy` (Wortsman et al.'s greedy soup): the runs in order of their
+    validation score, each kept only if the soup's validation balanced accuracy rises with it."""
+    if len(run_dirs) < 2:
+        raise EvalError("a soup needs at least two runs")
+    if RunFiles(out).best.exists():
+        raise EvalError(f"{out}: already holds a model; pick a new --out")
+    ings = [_load(Path(r)) for r in run_dirs]
+    _check(ings)
     split = RunFiles(ings[0].run).split
     if manifest_sha256(split) != ings[0].state["split_sha256"]:
         raise EvalError(f"{split}: differs from the manifest the model was trained on")
+
+    cfg = from_dict(ings[0].state["config"])
+    spec = PreprocessSpec.from_dict(ings[0].state["preprocess"])
+    model = create_model(cfg.model, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate).eval()
+    bias_key = classifier_bias_key(model)
     val_recs = select(read_manifest(split), load_records(data_dir), "val", cfg.limit, cfg.seed)
     val_x, val_y = build_cache(val_recs, spec, "caching val", progress)
-    logits = tta_logits(model, val_x, spec, "none", cfg.eval_batch_size)
     log_prior = np.asarray(ings[0].state["log_prior"], dtype=np.float32)
-    beta, summary = choose_prior_shift(logits, val_y, log_prior, prior_grid(cfg.recipe))
 
-    deploy = model.state_dict()
+    def taste(members: list[Ingredient]) -> tuple[float, dict, dict]:
+        """(prior shift, validation summary, unshifted weights) of the soup of `members`."""
+        weights = average([_unshifted(i, bias_key) for i in members])
+        model.load_state_dict(weights)
+        logits = tta_logits(model, val_x, spec, "none", cfg.eval_batch_size)
+        beta, summary = choose_prior_shift(logits, val_y, log_prior, prior_grid(cfg.recipe))
+        return beta, summary, weights
+
+    if greedy:
+        ings = sorted(ings, key=lambda i: -i.val_balanced_acc)
+        chosen, best = ings[:1], taste(ings[:1])
+        for ing in ings[1:]:
+            trial = taste(chosen + [ing])
+            if trial[1]["balanced_accuracy"] > best[1]["balanced_accuracy"]:
+                chosen, best = chosen + [ing], trial
+    else:
+        chosen, best = ings, taste(ings)
+    beta, summary, weights = best
+    left_out = [i for i in ings if i not in chosen]
+
+    deploy = dict(weights)
     deploy[bias_key] = deploy[bias_key] + beta * torch.from_numpy(log_prior)
     run = RunFiles(out)
-    recipe = [{"run": str(i.run), "epoch": i.epoch, "val_balanced_acc": i.val_balanced_acc,
-               "train_seed": (i.state["config"].get("recipe") or {}).get("train_seed"),
-               "mixup": (i.state["config"].get("recipe") or {}).get("mixup"), **_training_time(i.run)} for i in ings]
     write_run_files(run, cfg, split, ings[0].state["split_sha256"], data_dir, spec,
-                    {"path": "soup", "soup": recipe, "prior_shift": beta,
+                    {"path": "soup", "greedy": greedy, "soup": [_record(i) for i in chosen],
+                     "left_out": [_record(i) for i in left_out], "prior_shift": beta,
                      "val_accuracy": summary["accuracy"], "val_balanced_acc": summary["balanced_accuracy"]})
     save_checkpoint(run.best, {**{k: ings[0].state[k] for k in ("config", "preprocess", "split_sha256", "classes",
                                                                 "log_prior", "code_version")},
-                               "epoch": "soup of " + ", ".join(f"{i.run.name} (epoch {i.epoch})" for i in ings),
+                               "epoch": "soup of " + ", ".join(f"{i.run.name} (epoch {i.epoch})" for i in chosen),
                                "phase": 0, "history": None, "best_balanced_acc": summary["balanced_accuracy"],
                                "model": deploy, "prior_shift": beta})
-    return SoupResult(ings, beta, summary)
+    return SoupResult(chosen, left_out, beta, summary)

@@ -458,7 +458,7 @@ def test_bf16_only_where_the_cpu_runs_it_fast(monkeypatch, capability, fast):
     assert [(b[4], b[-1]) for b in built] == [(key, fast)]
 
 
-def test_a_soup_averages_unshifted_weights_chooses_its_own_shift_and_evaluates_as_a_run(
+def test_a_soup_averages_unshifted_weights_refreshes_batchnorm_chooses_its_shift_and_evaluates_as_a_run(
         teacher_run, tiny_run, data_dir, split_csv, cache_dir, tmp_path, capsys):
     from dermtrain.cli import main
     from dermtrain.evaluate import evaluate
@@ -477,6 +477,10 @@ def test_a_soup_averages_unshifted_weights_chooses_its_own_shift_and_evaluates_a
     assert torch.allclose(unshift(soup), (unshift(a) + unshift(b)) / 2, atol=1e-6)
     weight = key.replace("bias", "weight")
     assert torch.allclose(soup["model"][weight], (a["model"][weight] + b["model"][weight]) / 2, atol=1e-6)
+    stats = lambda stage: next(k for k in a["model"] if k.startswith(f"blocks.{stage}.") and k.endswith("running_var"))  # noqa: E731
+    late, early = stats(5), stats(1)
+    assert not torch.allclose(soup["model"][late], (a["model"][late] + b["model"][late]) / 2, atol=1e-4)  # new
+    assert torch.allclose(soup["model"][early], a["model"][early], atol=1e-5)  # frozen: as the runs had them
     info = json.loads((tmp_path / "soup" / "run.json").read_text())
     assert [i["train_seed"] for i in info["soup"]] == [None, 1] and info["prior_shift"] == soup["prior_shift"]
 

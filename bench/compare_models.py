@@ -40,8 +40,9 @@ def pct(x) -> str:
 def training_minutes(run: Path) -> float | None:
     """Wall time of the run: its epochs plus the feature bank build (fast path); a soup's is its runs'."""
     f, info = run / "history.json", run / "run.json"
-    if info.is_file() and json.loads(info.read_text()).get("path") == "soup":
-        return sum(i["minutes"] for i in json.loads(info.read_text())["soup"])
+    soup = json.loads(info.read_text()).get("soup") if info.is_file() else None
+    if soup:
+        return sum(i["minutes"] for i in soup)
     if not f.is_file():
         return None
     hist = json.loads(f.read_text())

@@ -1,13 +1,15 @@
 """`dermtrain soup`: one model from the averaged weights of several runs of one recipe (a uniform model soup,
-Wortsman et al. 2022).
+Wortsman et al. 2022), at the latency of one.
 
-Runs of a fast-path recipe that differ only in their own draws (`--train-seed`, `mixup`) fine-tune the same ImageNet
-weights behind the same frozen stages, so their weights tend to lie in one basin, where their average can score
-above each of them at the latency of one. Each run's `best.pt` carries its own prior shift in the classifier bias
-(`dermtrain.fastfit`): the soup averages the unshifted weights and chooses its own shift on validation, as a run
-does every epoch. The BatchNorm layers of the trained stages then take their statistics again from training
-images, as stochastic weight averaging does. A greedy soup keeps only the runs that raise its validation score. The result is an ordinary run folder (config, split, `best.pt`, `run.json` naming the
-ingredients) that `dermtrain eval` and `dermconvert` take as they take any run.
+Runs of a fast-path recipe fine-tune the same ImageNet weights behind the same frozen stages. Where their weights
+lie in one basin their average can score above each of them; where they do not it scores below both, and only
+validation tells (`docs/ablation.md`: two training seeds of the Lite0 default did not, two mixup alphas of one seed
+came nearer). Each run's `best.pt` carries its own prior shift in the classifier bias (`dermtrain.fastfit`): the
+soup averages the unshifted weights, lets the BatchNorm layers of the trained stages take their statistics again
+from training images (as stochastic weight averaging does), and chooses its own shift on validation, as a run does
+every epoch. A greedy soup keeps only the runs that raise its validation score. The result is an ordinary run
+folder (config, split, `best.pt`, `run.json` naming the ingredients) that `dermtrain eval` and `dermconvert` take
+as they take any run.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ from dermtrain.splits import manifest_sha256, read_manifest, select
 from dermtrain.stages import Cut
 from engines.preprocess import PreprocessSpec, normalize
 
-# What every ingredient must share for its weights to mean the same thing; the recipe may differ in its draws.
 REFRESH_IMAGES = 2048  # training images whose statistics the soup's BatchNorm layers take
+# What every ingredient must share for its weights to mean the same thing; the recipe may differ in its draws.
 SAME = ("model", "img_size", "init", "freeze_at", "split_sha256", "log_prior", "classes")
 
 
@@ -182,16 +184,17 @@ def make_soup(run_dirs: list[Path], data_dir: Path, out: Path, greedy: bool = Fa
         chosen, best = ings, taste(ings)
     beta, summary, weights = best
     left_out = [i for i in ings if i not in chosen]
+    base = chosen[0].state  # whose config the soup keeps: the first run given (a greedy soup: the best); all share SAME
 
     deploy = dict(weights)
     deploy[bias_key] = deploy[bias_key] + beta * torch.from_numpy(log_prior)
     run = RunFiles(out)
-    write_run_files(run, cfg, split, ings[0].state["split_sha256"], data_dir, spec,
+    write_run_files(run, from_dict(base["config"]), split, base["split_sha256"], data_dir, spec,
                     {"path": "soup", "greedy": greedy, "soup": [_record(i) for i in chosen],
                      "left_out": [_record(i) for i in left_out], "prior_shift": beta,
                      "val_accuracy": summary["accuracy"], "val_balanced_acc": summary["balanced_accuracy"]})
-    save_checkpoint(run.best, {**{k: ings[0].state[k] for k in ("config", "preprocess", "split_sha256", "classes",
-                                                                "log_prior", "code_version")},
+    save_checkpoint(run.best, {**{k: base[k] for k in ("config", "preprocess", "split_sha256", "classes", "log_prior",
+                                                       "code_version")},
                                "epoch": "soup of " + ", ".join(f"{i.run.name} (epoch {i.epoch})" for i in chosen),
                                "phase": 0, "history": None, "best_balanced_acc": summary["balanced_accuracy"],
                                "model": deploy, "prior_shift": beta})

@@ -482,7 +482,7 @@ def test_a_soup_averages_unshifted_weights_refreshes_batchnorm_chooses_its_shift
     assert not torch.allclose(soup["model"][late], (a["model"][late] + b["model"][late]) / 2, atol=1e-4)  # new
     assert torch.allclose(soup["model"][early], a["model"][early], atol=1e-5)  # frozen: as the runs had them
     info = json.loads((tmp_path / "soup" / "run.json").read_text())
-    assert [i["train_seed"] for i in info["soup"]] == [None, 1] and info["prior_shift"] == soup["prior_shift"]
+    assert [i["train_seed"] for i in info["soup"]] == [0, 1] and info["prior_shift"] == soup["prior_shift"]
 
     m = evaluate(tmp_path / "soup", data_dir, "val", progress=False)  # the soup as any run: its own shift
     assert m["balanced_accuracy"] == pytest.approx(info["val_balanced_acc"], abs=1e-9)

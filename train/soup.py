@@ -132,7 +132,8 @@ def _check(ings: list[Ingredient]) -> None:
 def _record(ing: Ingredient) -> dict:
     r = ing.state["config"].get("recipe") or {}
     return {"run": str(ing.run), "epoch": ing.epoch, "val_balanced_acc": ing.val_balanced_acc,
-            "train_seed": r.get("train_seed"), "mixup": r.get("mixup"), **_training_time(ing.run)}
+            "train_seed": ing.state["config"]["seed"] if r.get("train_seed") is None else r["train_seed"],
+            "mixup": r.get("mixup"), **_training_time(ing.run)}
 
 
 def make_soup(run_dirs: list[Path], data_dir: Path, out: Path, greedy: bool = False,

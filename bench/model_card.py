@@ -15,7 +15,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from compare_models import training_minutes  # noqa: E402 (bench/, beside this script)
 from engines.fsutil import sha256_file, sibling  # noqa: E402 (after the path is set)
 
 RUN_FILES = ("config.json", "run.json", "history.json", "calibration.json", "metrics.json", "metrics_flip.json",
@@ -84,7 +86,7 @@ def run_sections(run: Path, b, parity: dict, notes: str, run_copy: str) -> tuple
     from engines.labels import CLASS_CODES
 
     cfg, info, hist = load(run, "config.json"), load(run, "run.json"), load(run, "history.json")
-    r = cfg.get("recipe") or {}
+    r, minutes = cfg.get("recipe") or {}, training_minutes(run)
     body = [f"| architecture | timm `{cfg['model']}`, input {b.preprocess.size} x {b.preprocess.size}, "
             f"{b.preprocess.resize} resize, mean {list(b.preprocess.mean)} std {list(b.preprocess.std)} |",
             f"| weights | {'initialised from ' + cfg['init'] if cfg.get('init') else 'from scratch (no ImageNet ConvNeXt weights exist here)'}"
@@ -93,7 +95,8 @@ def run_sections(run: Path, b, parity: dict, notes: str, run_copy: str) -> tuple
             f"| code | {info['code_version']} |", "", *LICENCE,
             "## Recipe", "",
             f"Config (`{run_copy}config.json`): {json.dumps(r, sort_keys=True) if r else 'two-phase preset'}.",
-            soup_line(info) if info.get("path") == "soup" else training_line(hist), "", notes.strip(), ""]
+            soup_line(info, minutes) if info.get("path") == "soup" else training_line(hist, minutes),
+            "", notes.strip(), ""]
     conversion = []
     if parity:
         tp = parity.get("torch_parity", {})
@@ -104,19 +107,17 @@ def run_sections(run: Path, b, parity: dict, notes: str, run_copy: str) -> tuple
     return body, conversion
 
 
-def training_line(hist: list[dict]) -> str:
+def training_line(hist: list[dict], minutes: float) -> str:
     best = max(hist, key=lambda h: h["val_balanced_acc"])
-    minutes = sum(h.get("seconds", 0) + h.get("bank_seconds", 0) for h in hist) / 60
     return (f"Best validation balanced accuracy at epoch {best['epoch']} of {len(hist)} "
             f"(prior shift {best.get('prior_shift', 0):g}); training took {minutes:.0f} minutes on 2 CPU cores"
             + bank_note(hist[0].get("bank_seconds")) + ".")
 
 
-def soup_line(info: dict) -> str:
+def soup_line(info: dict, minutes: float) -> str:
     """A model soup (`dermtrain soup`): its ingredients and what validation chose for it."""
     parts = [f"`{Path(i['run']).name}` (train seed {i['train_seed']}, mixup {i['mixup']}, best epoch {i['epoch']} of "
              f"{i['epochs']}: {pct(i['val_balanced_acc'])}, {i['minutes']:.0f} min)" for i in info["soup"]]
-    minutes = sum(i["minutes"] for i in info["soup"])
     return (f"The mean of the weights of {len(parts)} runs of this recipe (`dermtrain soup`): {', '.join(parts)}. "
             f"Validation balanced accuracy of the mean {pct(info['val_balanced_acc'])} at its own prior shift "
             f"{info['prior_shift']:g}; training took {minutes:.0f} minutes on 2 CPU cores in all (a shared feature "

@@ -27,12 +27,17 @@ class EvalError(Exception):
     """A run that cannot be evaluated; str() is one line."""
 
 
-def load_run_model(run_dir: Path, which: str = "best"):
-    """(model in eval mode, TrainConfig, PreprocessSpec, checkpoint dict) of a run folder."""
+def load_checkpoint(run_dir: Path, which: str = "best") -> dict:
+    """The checkpoint dict `which`.pt of a run folder."""
     path = Path(run_dir) / f"{which}.pt"
     if not path.is_file():
         raise EvalError(f"{path}: checkpoint not found (has the run finished an epoch?)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_run_model(run_dir: Path, which: str = "best"):
+    """(model in eval mode, TrainConfig, PreprocessSpec, checkpoint dict) of a run folder."""
+    state = load_checkpoint(run_dir, which)
     cfg = from_dict(state["config"])
     spec = PreprocessSpec.from_dict(state["preprocess"])
     model = create_model(cfg.model, drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate)

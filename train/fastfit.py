@@ -45,8 +45,6 @@ from dermtrain.stages import Cut
 from engines.fsutil import write_json
 from engines.labels import CLASS_CODES
 
-K = len(CLASS_CODES)
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -119,7 +117,6 @@ def choose_prior_shift(logits: np.ndarray, y: np.ndarray, log_prior: np.ndarray,
         if best is None or score > best[0]:
             best = (score, float(beta), s)
     return best[1], best[2]
-
 
 
 def prior_grid(r: Recipe) -> tuple[float, ...]:

@@ -24,7 +24,7 @@ from torch import nn
 from dermtrain.cache import build_cache
 from dermtrain.config import from_dict
 from dermtrain.data import load_records
-from dermtrain.evaluate import EvalError, tta_logits
+from dermtrain.evaluate import EvalError, load_checkpoint, tta_logits
 from dermtrain.fastfit import choose_prior_shift, classifier_bias_key, prior_grid
 from dermtrain.fit import RunFiles, save_checkpoint, write_run_files
 from dermtrain.models import create_model
@@ -54,12 +54,9 @@ class SoupResult:
 
 
 def _load(run_dir: Path) -> Ingredient:
-    path = RunFiles(run_dir).best
-    if not path.is_file():
-        raise EvalError(f"{path}: checkpoint not found (has the run finished an epoch?)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_checkpoint(run_dir)
     if "log_prior" not in state:
-        raise EvalError(f"{path}: not a fast-path run (no prior shift in its checkpoint); a soup needs `recipe` runs")
+        raise EvalError(f"{RunFiles(run_dir).best}: not a fast-path run (no prior shift in its checkpoint); a soup needs `recipe` runs")
     return Ingredient(Path(run_dir), state["epoch"], float(state["best_balanced_acc"]), state)
 
 

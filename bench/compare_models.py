@@ -10,27 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
 from engines.labels import CLASS_CODES
-
-
-def latency_ms(onnx_path: Path, runs: int = 100) -> float:
-    from engines.onnx_backend import OrtEngine
-    eng = OrtEngine(onnx_path, "cpu", threads=2, max_batch=1)
-    s = eng.bundle.preprocess.size
-    x = np.random.default_rng(0).normal(size=(1, 3, s, s)).astype(np.float32)
-    for _ in range(10):
-        eng.run(x)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        eng.run(x)
-        times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times))
+from latency import latency_ms  # bench/latency.py, beside this script
 
 
 def pct(x) -> str:

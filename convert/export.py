@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dermconvert.graph import fold_dynamic_pads
 from engines.bundle import ModelBundle
 from engines.fsutil import atomic_path
 from engines.preprocess import PreprocessSpec
@@ -88,6 +89,7 @@ def export_onnx(model: nn.Module, bundle: ModelBundle, out: Path, with_cam: bool
                           input_names=["input"], output_names=names, dynamic_axes=dyn, do_constant_folding=True)
         proto = onnx.load(str(tmp))
         drop_identities(proto)
+        fold_dynamic_pads(proto, s)
         bundle = ModelBundle(**{**bundle.__dict__, "has_cam": wrapper.kind is not None})
         set_metadata(proto, bundle)
         onnx.checker.check_model(proto, full_check=True)

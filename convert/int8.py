@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from dermconvert.graph import fold_dynamic_pads, probe_session
 from engines.bundle import ModelBundle
 from engines.errors import one_line
 from engines.fsutil import atomic_path
@@ -34,45 +35,6 @@ class Int8Info:
     bias_corrected: int
     shift_before: float  # mean |per-channel output shift| of the corrected convolutions, plain quantization
     shift_after: float  # the same after bias correction
-
-
-def fold_dynamic_pads(model, size: int):
-    """TF-"same" padding computes its pads from the input shape at run time (Shape -> float arithmetic -> Pad).
-    For the bundle's fixed input size they are constants; folding them keeps the quantizer off that arithmetic
-    and gives every runtime a plain graph. Only pads that are the same for batch 1 and 2 are folded."""
-    from onnx import TensorProto, numpy_helper
-
-    g = model.graph
-    inits = {t.name for t in g.initializer}
-    pads = sorted({n.input[1] for n in g.node if n.op_type == "Pad" and len(n.input) > 1 and n.input[1]} - inits)
-    if not pads:
-        return model
-    sess = _session(model, pads, TensorProto.INT64)
-    one, two = (sess.run(pads, {g.input[0].name: np.zeros((b, 3, size, size), np.float32)}) for b in (1, 2))
-    for name, a, b in zip(pads, one, two):
-        if not np.array_equal(a, b):
-            continue
-        g.initializer.append(numpy_helper.from_array(a, name + "__const"))
-        for node in g.node:
-            if node.op_type == "Pad" and len(node.input) > 1 and node.input[1] == name:
-                node.input[1] = name + "__const"
-    _prune(g)
-    return model
-
-
-def _prune(g) -> None:
-    """Drop nodes and initializers no graph output depends on."""
-    needed = {o.name for o in g.output}
-    keep = []
-    for node in reversed(list(g.node)):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed.update(i for i in node.input if i)
-    del g.node[:]
-    g.node.extend(reversed(keep))
-    live = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(live)
 
 
 class _Reader:
@@ -90,22 +52,6 @@ class _Reader:
 
     def rewind(self):
         self.i = 0
-
-
-def _session(model, outputs: list[str], elem_type: int = 1):
-    """An unoptimised session of `model` that can return the intermediate tensors `outputs` (of ONNX element type
-    `elem_type`, float by default); ONNX Runtime runs only what a call needs."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import helper
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(n, elem_type, None) for n in outputs if n not in have)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def _clips(fmodel) -> dict[str, tuple[str, float, float]]:
@@ -173,8 +119,8 @@ def output_shift(qmodel, fmodel, x: np.ndarray) -> float:
     if not convs:
         return 0.0
     pairs = [(fname, node.output[0], rng) for node, _, fname, rng in convs]
-    shifts = _mean_errors(_session(fmodel, [f for f, _, _ in pairs]), _session(qmodel, [q for _, q, _ in pairs]),
-                          pairs, x)
+    fsess = probe_session(fmodel, [f for f, _, _ in pairs])
+    shifts = _mean_errors(fsess, probe_session(qmodel, [q for _, q, _ in pairs]), pairs, x)
     return float(np.mean([np.abs(s).mean() for s in shifts]))
 
 
@@ -185,10 +131,10 @@ def correct_biases(qmodel, fmodel, x: np.ndarray, log=print) -> int:
 
     inits = {t.name: t for t in qmodel.graph.initializer}
     convs = _biased_convs(qmodel, fmodel)
-    fsess = _session(fmodel, [fname for _, _, fname, _ in convs])
+    fsess = probe_session(fmodel, [fname for _, _, fname, _ in convs])
     for node, dq, fname, rng in tqdm(convs, desc="bias correction", unit="conv", leave=False):
         qname = node.output[0]
-        shift = _mean_errors(fsess, _session(qmodel, [qname]), [(fname, qname, rng)], x)[0]
+        shift = _mean_errors(fsess, probe_session(qmodel, [qname]), [(fname, qname, rng)], x)[0]
         q = inits[dq.input[0]]
         scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
         b = numpy_helper.to_array(q).astype(np.float64) * scale - shift

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from badfiles import make_bad_folder, make_large_jpeg
@@ -176,11 +177,30 @@ def test_fatal_problems_exit_nonzero_with_one_line(case, tmp_path, tiny_onnx, re
 
 
 def test_default_and_named_models_load():
+    import onnx
     from engines.select import default_model, open_engine, shipped_models
     assert default_model().is_file()
     for name in ["default", *shipped_models()]:
         eng = open_engine(name, "cpu").engine
         assert eng.bundle.classes == tuple(CLASS_CODES)
+        # shipped as `dermconvert` writes them now: no shape arithmetic for every call to run (README, Conversion)
+        assert "Shape" not in {n.op_type for n in onnx.load(str(eng.path)).graph.node}, name
+
+
+def test_one_image_engine_fixes_the_batch_and_gives_the_same_predictions(sample_images):
+    """The viewer's engine (max_batch=1) runs a session with the batch dimension fixed at 1, which lets ONNX Runtime
+    fold TF "same" padding's shape arithmetic; its predictions must equal the batched engine's on real images."""
+    from engines.imageio import load_rgb
+    from engines.onnx_backend import OrtEngine
+    from engines.select import default_model
+    one, many = OrtEngine(default_model(), max_batch=1), OrtEngine(default_model(), max_batch=64)
+    s = one.bundle.preprocess.size
+    assert one.session.get_inputs()[0].shape == [1, 3, s, s]
+    assert isinstance(many.session.get_inputs()[0].shape[0], str)
+    images = [load_rgb(p) for p in sample_images]
+    a, b = one.predict(images, tta="flip"), many.predict(images, tta="flip")
+    assert np.allclose([x.probs for x in a], [x.probs for x in b], atol=1e-5)
+    assert [x.melanoma_flag for x in a] == [x.melanoma_flag for x in b]
 
 
 def test_dermbench_prints_every_figure(real_folder, tiny_onnx):

@@ -8,11 +8,11 @@ import onnx
 import pytest
 
 from dermconvert.gate import LIMITS, compare
-from dermconvert.int8 import fold_dynamic_pads, quantize_int8
+from dermconvert.int8 import quantize_int8
 from dermconvert.pipeline import calibration_batch, validation_batch
 from engines.bundle import BundleError
 from engines.onnx_backend import OrtEngine
-from engines.select import MODELS_DIR, open_engine
+from engines.select import open_engine
 
 pytestmark = pytest.mark.slow
 
@@ -89,17 +89,6 @@ def test_cli_int8_without_data_is_one_line(tiny_run, tmp_path, capsys, monkeypat
     err = capsys.readouterr().err.strip()
     assert "--int8 needs --data" in err and "\n" not in err
     assert not (tmp_path / "m.int8.onnx").exists()
-
-
-def test_fold_dynamic_pads_keeps_the_outputs_of_the_shipped_lite0(gate_set, tmp_path):
-    src = MODELS_DIR / "efficientnet_lite0.onnx"
-    size = OrtEngine(src).bundle.preprocess.size
-    folded = fold_dynamic_pads(onnx.load(str(src)), size)
-    assert "Shape" not in {n.op_type for n in folded.graph.node}
-    onnx.save(folded, str(tmp_path / "folded.onnx"))
-    x = np.random.default_rng(0).normal(size=(3, 3, size, size)).astype(np.float32)
-    a, b = OrtEngine(src).forward(x)[0], OrtEngine(tmp_path / "folded.onnx").forward(x)[0]
-    assert np.allclose(a, b, atol=1e-4)
 
 
 def test_precision_picks_the_gated_sibling_and_refuses_what_is_not(tiny_onnx, tmp_path):

@@ -32,6 +32,9 @@
 # the same hinted student on ConvNeXt-Atto at 128 px (62.2%): `fit convnext-hint128 docs/models/experiments/convnext_hint128/config.json`
 # and at 160 px (63.5%, shipped until 2026-12-02): `fit convnext-hint docs/models/experiments/convnext_atto160/config.json`.
 # Mixup seed 0 (70.9%, not shipped): `fit lite0-mixup lite0-mixup` (docs/models/experiments/lite0_mixup/).
+# Not shipped either (docs/ablation.md): 160 px, `fit lite0-mixup160-s1 lite0-mixup --img-size 160 --train-seed 1`
+# (68.6%); no label smoothing, `fit lite0-mixup-nols-s1 docs/models/experiments/lite0_mixup_nols/config.json
+#  --train-seed 1` (72.1% at epoch 4, 70.5% over epochs 4-9 against 71.8%).
 # The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
 # (INT8 fails its gate for both: docs/int8.md).
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]

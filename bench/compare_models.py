@@ -46,7 +46,7 @@ def flagged_share(onnx_path: Path, folder: Path, tta: str) -> float:
     for i in range(0, len(files), 64):
         x = np.stack([preprocess(load_rgb(f), eng.bundle.preprocess) for f in files[i:i + 64]])
         p, _ = eng.infer(x, tta)
-        flags += int((p[:, eng.bundle.mel_index] >= eng.bundle.threshold_for(tta)).sum())
+        flags += int(eng.bundle.mel_flags(p, tta).sum())
     return flags / len(files)
 
 

@@ -72,7 +72,9 @@ def card(run: Path, onnx: Path, name: str, title: str, notes: str, run_copy: str
 
 def calibration_row(b) -> str:
     from engines.display import pct as pct2
-    return (f"| calibration | temperature {b.temperature:.3f} (fitted on validation); melanoma threshold p(mel) >= "
+    score = ("its own score (p(mel) re-weighted towards the training data's case mix by the bundle's "
+             "`mel_flag_offsets`, chosen on validation)" if b.mel_flag_offsets else "p(mel)")
+    return (f"| calibration | temperature {b.temperature:.3f} (fitted on validation); melanoma flag: {score} >= "
             f"{pct2(b.mel_threshold)} single view" + (f", {pct2(b.threshold_for('flip'))} with `--tta flip`"
                                                       if "flip" in b.mel_thresholds else "") + " |")
 

@@ -42,16 +42,12 @@ def from_run(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
 
 def from_bundle(onnx_path: Path, data: Path, split: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     from dermconvert.pipeline import validation_batch
-    from dermtrain.cache import labels_of
-    from dermtrain.data import load_records
-    from dermtrain.fit import sampled_log_prior
-    from dermtrain.splits import read_manifest, select
+    from dermtrain.fit import split_log_prior
     from engines.onnx_backend import OrtEngine
     eng = OrtEngine(onnx_path, "cpu")
     x, y = validation_batch(data, split, eng.bundle.preprocess, progress=False)
-    train = select(read_manifest(split), load_records(data), "train")
-    return (eng.logits(x)[0], y, sampled_log_prior(labels_of(train)),
-            f"{eng.describe()}; log-prior of the {len(train):,} training images of {split.name}")
+    return (eng.logits(x)[0], y, split_log_prior(data, split),
+            f"{eng.describe()}; log-prior of the training images of {split.name}")
 
 
 def main(argv=None) -> int:

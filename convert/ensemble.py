@@ -167,21 +167,23 @@ def member_logprobs(members: list[Member], data: Path, split: Path, limit: int |
     return np.mean(out, axis=0), labels
 
 
-def calibrate(bundle: ModelBundle, val_logits: dict[str, np.ndarray], labels: np.ndarray,
+def calibrate(bundle: ModelBundle, val_logits: dict[str, np.ndarray], labels: np.ndarray, log_prior: np.ndarray,
               target_sensitivity: float = 0.90) -> ModelBundle:
-    """Temperature on the plain validation logits; a melanoma threshold per test-time-view setting at that
-    temperature; the headline validation figures."""
+    """Temperature on the plain validation logits; the melanoma flag's offsets there, and its threshold per
+    test-time-view setting at that temperature; the headline validation figures."""
     from dataclasses import replace
 
     from dermtrain.evaluate import validation_figures
-    from dermtrain.metrics import fit_temperature, softmax, summarize, threshold_for_sensitivity
+    from dermtrain.metrics import choose_flag, fit_temperature, mel_flag_scores, summarize, threshold_for_sensitivity
 
     t = fit_temperature(val_logits["none"], labels)
-    thr = {tta: threshold_for_sensitivity(softmax(v, t)[:, MEL_INDEX], labels == MEL_INDEX, target_sensitivity)
-           for tta, v in val_logits.items()}
-    return replace(bundle, temperature=t, mel_threshold=thr["none"],
-                   mel_thresholds={k: v for k, v in thr.items() if k != "none"},
-                   validation=validation_figures(summarize(val_logits["none"], labels, t, thr["none"])))
+    flag = choose_flag(val_logits["none"], labels, t, log_prior, target_sensitivity)
+    thr = {tta: threshold_for_sensitivity(mel_flag_scores(v, t, flag.offsets), labels == MEL_INDEX, target_sensitivity)
+           for tta, v in val_logits.items() if tta != "none"}
+    return replace(bundle, temperature=t, mel_threshold=flag.threshold, mel_thresholds=thr,
+                   mel_flag_offsets=flag.offsets,
+                   validation=validation_figures(summarize(val_logits["none"], labels, t, flag.threshold,
+                                                           flag.offsets)))
 
 
 def build_ensemble(paths: list[Path], out: Path, data: Path, split: Path, limit: int | None = None,
@@ -190,6 +192,7 @@ def build_ensemble(paths: list[Path], out: Path, data: Path, split: Path, limit:
     import onnx
 
     from dermconvert.pipeline import validation_batch
+    from dermtrain.fit import split_log_prior
     from dermtrain.metrics import balanced_accuracy, confusion
     from engines.onnx_backend import OrtEngine
 
@@ -204,7 +207,7 @@ def build_ensemble(paths: list[Path], out: Path, data: Path, split: Path, limit:
         x, labels = validation_batch(data, split, bundle.preprocess, limit)
         log(f"ensemble of {len(members)}: scoring {len(labels)} validation images, plain and with flips")
         val = {tta: eng.logits(x, tta)[0] for tta in ("none", "flip")}
-        bundle = calibrate(bundle, val, labels)
+        bundle = calibrate(bundle, val, labels, split_log_prior(data, split, limit))
         set_metadata(model, bundle)
         onnx.save(model, str(tmp))
     ref, _ = member_logprobs(members, data, split, limit)
@@ -221,5 +224,5 @@ def build_ensemble(paths: list[Path], out: Path, data: Path, split: Path, limit:
         f"{agreement['balanced_accuracy_members_own_inputs']:.2%} -> {agreement['balanced_accuracy_as_shipped']:.2%}")
     return {"members": [str(m.path) for m in members], "temperature": bundle.temperature,
             "mel_threshold": bundle.mel_threshold, "mel_thresholds": bundle.mel_thresholds,
-            "validation": bundle.validation, "images": f"{len(labels)} validation images of {split}",
+            "mel_flag_offsets": list(bundle.mel_flag_offsets), "validation": bundle.validation, "images": f"{len(labels)} validation images of {split}",
             "members_on_their_own_inputs": agreement}

@@ -71,6 +71,7 @@ def bundle_for_run(run_dir: Path, state: dict, spec: PreprocessSpec, has_cam: bo
                        temperature=float(cal.get("temperature", 1.0)),
                        mel_threshold=float(cal.get("mel_threshold", 0.5)),
                        mel_thresholds={k: float(v) for k, v in cal.get("mel_thresholds", {}).items()},
+                       mel_flag_offsets=tuple(float(v) for v in cal.get("mel_flag_offsets", ())),
                        split_sha256=state.get("split_sha256", ""), validation=cal.get("validation", {}),
                        has_cam=has_cam, precision="fp32", source=source)
 

@@ -92,6 +92,7 @@ def convert(src: Path, out: Path, fp16: bool = False, engine: Path | None = None
                                f"top-1 {par.top1_agreement:.2%}); nothing written")
     extra: dict = {"source": str(ckpt), "model": cfg.model, "input_size": spec.size,
                    "temperature": bundle.temperature, "mel_threshold": bundle.mel_threshold,
+                   "mel_flag_offsets": list(bundle.mel_flag_offsets),
                    "torch_parity": {"n": par.n, "max_abs_logit_diff": par.max_abs_logit_diff,
                                     "top1_agreement": par.top1_agreement}}
     if labels is not None:

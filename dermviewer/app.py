@@ -309,8 +309,8 @@ class ViewerWindow(QMainWindow):
             name.setText(f"{class_name(codes[i])} ({codes[i]})")
             bar.setValue(int(r.probs[i] * 1000))
             value.setText(pct(r.probs[i]))
-        self.view.alert_text = alert_text(r.probs[self.engine.bundle.mel_index], self.engine.bundle.mel_threshold) \
-            if r.melanoma_flag else ""
+        self.view.alert_text = alert_text(r.mel_score, self.engine.bundle.mel_threshold,
+                                          bool(self.engine.bundle.mel_flag_offsets)) if r.melanoma_flag else ""
         self.view.heat_caption = heat_caption(r) if self.worker.heatmap else ""
 
     def _show_rates(self) -> None:
@@ -349,10 +349,15 @@ class ViewerWindow(QMainWindow):
         super().closeEvent(event)
 
 
-def alert_text(p_mel: float, threshold: float) -> str:
-    """What the alert means, read in a second: the melanoma probability, the cut-off and why it is low."""
-    return (f"MELANOMA ALERT — p(melanoma) {pct(p_mel)} ≥ cut-off {pct(threshold)}\n"
-            f"The cut-off is set low to catch ≥90% of melanomas (validation); most flagged lesions are not melanomas.")
+def alert_text(score: float, threshold: float, own_score: bool = False) -> str:
+    """What the alert means, read in a second: the melanoma score, the cut-off and why it is low. `own_score`: the
+    model's flag reads its own score (re-weighted towards the training case mix), not the melanoma bar."""
+    what = "melanoma score" if own_score else "p(melanoma)"
+    why = ("The score is p(melanoma) at the training data's case mix, so it can differ from the bar. " if own_score
+           else "")
+    return (f"MELANOMA ALERT — {what} {pct(score)} ≥ cut-off {pct(threshold)}\n"
+            f"{why}The cut-off is set low to catch ≥90% of melanomas (validation); most flagged lesions are not "
+            "melanomas.")
 
 
 def heat_caption(r: Result) -> str:

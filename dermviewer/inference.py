@@ -34,6 +34,7 @@ class Result:
     label: str
     confidence: float
     melanoma_flag: bool
+    mel_score: float  # of the smoothed probabilities: what the flag compares with the threshold
     heat_rgba: np.ndarray | None  # colour heat map of the region, RGBA uint8, region-sized
     heat_class: str | None  # the class the heat map explains: melanoma while the alert is up, else the top label
     heat_flat: bool  # no place in the region stands out for that class (the map is shown empty, not rescaled)
@@ -108,7 +109,8 @@ class InferenceThread(threading.Thread):
         infer_ms = (time.perf_counter() - t0) * 1000
         probs = self.smoother(pred.probs)
         i = int(np.argmax(probs))
-        flag = bool(probs[mel] >= self.engine.bundle.mel_threshold)
+        score = float(self.engine.bundle.mel_score(probs))
+        flag = score >= self.engine.bundle.mel_threshold
         explained = mel if flag else i
         heat, heat_class, flat = None, None, False
         if self.heatmap and pred.cams is not None:
@@ -117,6 +119,6 @@ class InferenceThread(threading.Thread):
             heat = None if flat else heat_overlay(m, s, self.guide.shape == "circle")
             heat_class = self.engine.bundle.classes[explained]
         self.count += 1
-        return Result(frame.index, probs, pred.probs, self.engine.bundle.classes[i], float(probs[i]), flag, heat,
+        return Result(frame.index, probs, pred.probs, self.engine.bundle.classes[i], float(probs[i]), flag, score, heat,
                       heat_class, flat, box, (time.perf_counter() - frame.t_capture) * 1000, infer_ms,
                       frame.generation)

@@ -29,7 +29,8 @@ def save_snapshot(folder: Path, rgb: np.ndarray, result: Result | None, classes:
         info.update({"label": result.label, "label_name": class_name(result.label), "confidence": result.confidence,
                      "probabilities": {c: float(p) for c, p in zip(classes, result.probs)},
                      "probabilities_this_frame": {c: float(p) for c, p in zip(classes, result.raw_probs)},
-                     "melanoma_flag": result.melanoma_flag, "melanoma_threshold": threshold,
+                     "melanoma_score": result.mel_score, "melanoma_flag": result.melanoma_flag,
+                     "melanoma_threshold": threshold,
                      "region": dict(zip(("top", "left", "height", "width"), result.box)),
                      "frame_index": result.frame_index})
     write_json(meta, info)

@@ -15,7 +15,8 @@ class Prediction:
     probs: np.ndarray  # calibrated probabilities, one per class code, summing to 1
     label: str
     confidence: float
-    melanoma_flag: bool  # p(mel) at or above the model's operating threshold
+    melanoma_flag: bool  # mel_score at or above the model's operating threshold
+    mel_score: float  # what the flag compares with the threshold (ModelBundle.mel_score; p(mel) in older bundles)
     cams: np.ndarray | None = None  # class activation maps, K x h x w, in logit units (what each place adds)
 
     def heat(self, class_index: int) -> np.ndarray | None:
@@ -97,18 +98,17 @@ class Engine(ABC):
         if not images:
             return []
         probs, cam = self.infer(preprocess_batch(images, self.bundle.preprocess), tta)
-        thr = self.bundle.threshold_for(tta)
-        return [self._prediction(probs[i], None if cam is None else cam[i], thr) for i in range(len(images))]
+        scores, thr = self.bundle.mel_score(probs), self.bundle.threshold_for(tta)
+        return [self._prediction(probs[i], None if cam is None else cam[i], float(scores[i]), thr)
+                for i in range(len(images))]
 
     def predict_one(self, image: np.ndarray) -> Prediction:
         return self.predict([image])[0]
 
-    def _prediction(self, p: np.ndarray, cam: np.ndarray | None, threshold: float) -> Prediction:
+    def _prediction(self, p: np.ndarray, cam: np.ndarray | None, score: float, threshold: float) -> Prediction:
         i = int(np.argmax(p))
-        codes = self.bundle.classes
-        return Prediction(probs=p, label=codes[i], confidence=float(p[i]),
-                          melanoma_flag=bool(p[self.bundle.mel_index] >= threshold),
-                          cams=cam)
+        return Prediction(probs=p, label=self.bundle.classes[i], confidence=float(p[i]),
+                          melanoma_flag=bool(score >= threshold), mel_score=score, cams=cam)
 
     def describe(self) -> str:
         return f"{self.bundle.model_name} @ {self.bundle.preprocess.size}px {self.bundle.precision} on {self.backend}"

@@ -146,6 +146,8 @@ def test_alert_says_what_the_cut_off_means():
     from dermviewer.app import alert_text
     text = alert_text(0.2241, 0.0949)
     assert "22.41%" in text and "9.49%" in text and "90%" in text and "most flagged lesions are not melanomas" in text
+    assert "p(melanoma) 22.41%" in text  # the flag reads the melanoma bar
+    assert "melanoma score 22.41%" in alert_text(0.2241, 0.0949, own_score=True)  # its own score: not the bar's
 
 
 def test_one_rounding_rule_never_contradicts_the_flag():

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,21 @@ def test_missing_tensorrt_is_one_line_and_explicit_engine_is_an_error(tiny_run, 
     assert not (tmp_path / "b.plan").exists()
 
 
+def test_flag_offsets_round_trip_and_only_they_need_a_version_2_runtime(tiny_onnx):
+    b = OrtEngine(tiny_onnx).bundle
+    plain = json.loads(replace(b, mel_flag_offsets=()).to_json())
+    assert plain["version"] == 1 and "mel_flag_offsets" not in plain  # still read by runtimes that predate them
+    offsets = tuple(0.5 * v for v in np.log([0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02]))
+    text = replace(b, mel_flag_offsets=offsets).to_json()
+    assert json.loads(text)["version"] == 2
+    back = ModelBundle.from_json(text)
+    assert back.mel_flag_offsets == pytest.approx(offsets) and isinstance(back.mel_flag_offsets, tuple)
+    p = np.array([[0.1, 0.1, 0.1, 0.1, 0.2, 0.3, 0.1]])
+    w = p * np.exp(offsets)
+    assert back.mel_score(p)[0] == pytest.approx(w[0, 4] / w.sum())
+    assert replace(b, mel_flag_offsets=()).mel_score(p)[0] == pytest.approx(0.2)
+
+
 def test_model_without_metadata_is_refused(tmp_path):
     model = create_model("test_convnext").eval()
     torch.onnx.export(model, (torch.zeros(1, 3, 64, 64),), str(tmp_path / "plain.onnx"), opset_version=17, dynamo=False)
@@ -171,7 +187,6 @@ def test_engine_logits_reproduce_the_evaluated_run_and_infer_calibrates_them(tin
 def _second_member(tiny_onnx: Path, path: Path, size: int = 48, temperature: float = 1.3) -> Path:
     """Another bundle on the tiny run's split: the same trained network at another input size and temperature, so
     the ensemble has to resize inside its graph and weigh its members by their own temperatures."""
-    from dataclasses import replace
     from dermtrain.evaluate import load_run_model
     tiny = OrtEngine(tiny_onnx).bundle
     model, *_ = load_run_model(Path(tiny.source).parent)
@@ -215,7 +230,6 @@ def test_ensemble_bundle_averages_its_members_and_is_calibrated_and_gated(tiny_r
 
 
 def test_ensemble_refuses_members_that_cannot_be_one_model(tiny_run, tiny_onnx, data_dir, tmp_path, capsys):
-    from dataclasses import replace
     from dermconvert.cli import main
     other = tmp_path / "other_split.onnx"
     tiny = OrtEngine(tiny_onnx).bundle

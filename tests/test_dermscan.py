@@ -56,6 +56,35 @@ def test_scan_writes_csv_isic_and_html(real_folder, tiny_onnx, tmp_path, sample_
     assert "classified" in r.stdout.splitlines()[-1]
 
 
+def test_the_flag_reads_the_bundles_own_melanoma_score(real_folder, tiny_onnx, tmp_path):
+    """A bundle with flag offsets: the CSV's melanoma_score is p(mel) re-weighted by exp(offsets), the flag is that
+    score against the threshold, the HTML lists suspects by it; a bundle without offsets scores p(mel)."""
+    import json
+    import onnx
+    from engines.bundle import METADATA_KEY
+    proto = onnx.load(str(tiny_onnx))
+    meta = next(p for p in proto.metadata_props if p.key == METADATA_KEY)
+    d = json.loads(meta.value)
+    threshold = d["mel_threshold"]
+    for name, offsets in (("plain", []), ("own", [float(v) for v in np.log([.03, .05, .11, .01, .11, .67, .02])])):
+        model, out = tmp_path / f"{name}.onnx", tmp_path / f"{name}.csv"
+        meta.value = json.dumps({**d, "version": 2, "mel_flag_offsets": offsets})
+        onnx.save(proto, str(model))
+        r = run_scan(real_folder, "--model", model, "--recursive", "--out", out, "--html", out.with_suffix(".html"))
+        assert r.returncode == 0, r.stderr
+        rows = read_csv(out)
+        probs = np.array([[float(x[c]) for c in CLASS_CODES] for x in rows])
+        score = np.array([float(x["melanoma_score"]) for x in rows])
+        w = probs * np.exp(offsets or 0.0)
+        np.testing.assert_allclose(score, w[:, 4] / w.sum(1), atol=2e-5)
+        assert [x["melanoma_flag"] == "1" for x in rows] == list(score >= threshold)
+        page = out.with_suffix(".html").read_text()
+        files = [x["file"] for x in sorted(rows, key=lambda x: (x["melanoma_flag"] != "1", -float(x["melanoma_score"])))]
+        positions = [page.index(f"data-file='{f}'") for f in files]
+        assert positions == sorted(positions)  # suspects first, then by the flag's score
+    assert not np.allclose(score, probs[:, 4], atol=1e-3)  # the offsets did change the score
+
+
 def test_bad_files_are_recorded_and_the_scan_goes_on(tmp_path, tiny_onnx, records):
     folder = tmp_path / "bad"
     expect = make_bad_folder(folder, records[0].path)

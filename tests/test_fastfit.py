@@ -428,10 +428,13 @@ def test_flip_threshold_is_stored_and_used(tiny_run, data_dir, tmp_path, sample_
     eng = OrtEngine(onnx, "cpu")
     assert eng.bundle.threshold_for("flip") == pytest.approx(cal["mel_thresholds"]["flip"])
     assert eng.bundle.threshold_for("none") == pytest.approx(cal["mel_threshold"])
+    assert list(eng.bundle.mel_flag_offsets) == pytest.approx(cal["mel_flag_offsets"])
+    assert {g["shift"] for g in cal["mel_flag_grid"]} >= {0.0, cal["mel_flag_shift"]}
     images = [load_rgb(p) for p in sample_images]
     for tta in ("none", "flip"):
         for pred in eng.predict(images, tta):
-            assert pred.melanoma_flag == (pred.probs[eng.bundle.mel_index] >= eng.bundle.threshold_for(tta))
+            assert pred.mel_score == pytest.approx(float(eng.bundle.mel_score(pred.probs)))
+            assert pred.melanoma_flag == (pred.mel_score >= eng.bundle.threshold_for(tta))
 
 
 

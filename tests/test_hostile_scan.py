@@ -278,7 +278,8 @@ def _wrong_shape_model(tiny_onnx: Path, path: Path) -> Path:
     return path
 
 
-@pytest.mark.hostile("model with wrong output shape", "NaN threshold", "temperature 0", "threshold above 1")
+@pytest.mark.hostile("model with wrong output shape", "NaN threshold", "temperature 0", "threshold above 1",
+                     "melanoma flag offsets of the wrong length", "bundle from a newer runtime")
 def test_unusable_models_are_refused_before_the_csv_is_touched(small_folder, tiny_onnx, tmp_path):
     out = tmp_path / "r.csv"
     assert_clean(run_scan(small_folder, "--model", tiny_onnx, "--out", out, "--limit", "2"))
@@ -286,7 +287,9 @@ def test_unusable_models_are_refused_before_the_csv_is_touched(small_folder, tin
     models = {"shape": _wrong_shape_model(tiny_onnx, tmp_path / "wrong.onnx"),
               "threshold": _with_bundle(tiny_onnx, tmp_path / "nan.onnx", mel_threshold=float("nan")),
               "temperature": _with_bundle(tiny_onnx, tmp_path / "t0.onnx", temperature=0.0),
-              "[0, 1]": _with_bundle(tiny_onnx, tmp_path / "big.onnx", mel_threshold=1.5)}
+              "[0, 1]": _with_bundle(tiny_onnx, tmp_path / "big.onnx", mel_threshold=1.5),
+              "mel_flag_offsets": _with_bundle(tiny_onnx, tmp_path / "off.onnx", version=2, mel_flag_offsets=[0.5, 1.0]),
+              "newer than this runtime": _with_bundle(tiny_onnx, tmp_path / "v9.onnx", version=9, colour_space="lab")}
     for phrase, model in models.items():
         for extra in (["--overwrite"], ["--resume"]):
             err = assert_clean(run_scan(small_folder, "--model", model, "--out", out, *extra), 2)

@@ -71,6 +71,7 @@ def test_overlay_shows_the_engines_label_for_a_known_frame(qapp, engine, sample_
         shown = [name.text() for name, _, _ in win.bars][0]
         assert f"({expected.label})" in shown
         assert ("MELANOMA ALERT" in win.view.alert_text) == expected.melanoma_flag
+        assert win.result.mel_score == pytest.approx(expected.mel_score, abs=1e-5)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTIFACTS / "dermviewer.png"
         assert win.grab().save(str(shot)) and shot.stat().st_size > 10_000
@@ -94,8 +95,10 @@ def test_freeze_and_snapshot_write_the_expected_files(qapp, engine, sample_image
         info = json.loads(meta.read_text())
         img = cv2.imread(str(png))
         assert img.shape[:2] == win.frame.rgb.shape[:2] == (480, 640)
-        for key in ("probabilities", "label", "model", "backend", "timestamp", "source", "melanoma_flag"):
+        for key in ("probabilities", "label", "model", "backend", "timestamp", "source", "melanoma_flag",
+                    "melanoma_score"):
             assert key in info, key
+        assert info["melanoma_flag"] == (info["melanoma_score"] >= info["melanoma_threshold"])
         assert info["label"] == win.result.label and abs(sum(info["probabilities"].values()) - 1) < 1e-4
         win.toggle_freeze()
         assert wait_until(qapp, lambda: win.seen["frame"] > frozen_seq, 5)

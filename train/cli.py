@@ -97,8 +97,8 @@ def cmd_eval(a) -> int:
     print(f"{m['split']}: n={m['n']} accuracy {m['accuracy']:.4f} balanced accuracy {m['balanced_accuracy']:.4f} "
           f"macro F1 {m['macro_f1']:.4f}")
     print(f"melanoma recall/specificity: argmax {mel['argmax']['recall']:.3f}/{mel['argmax']['specificity']:.3f}, "
-          f"p(mel) >= {mel['threshold']['threshold']:.4f}: {mel['threshold']['recall']:.3f}/"
-          f"{mel['threshold']['specificity']:.3f}")
+          f"flag (score >= {mel['threshold']['threshold']:.4f}, flag shift {m['operating_point']['flag_shift']}): "
+          f"{mel['threshold']['recall']:.3f}/{mel['threshold']['specificity']:.3f}")
     print(f"ECE {m['calibration']['ece_before']:.4f} -> {m['calibration']['ece_after']:.4f} "
           f"(T={m['calibration']['temperature']:.3f}); wrote {a.out or a.run_dir}/metrics{suffix}.json")
     return 0

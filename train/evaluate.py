@@ -12,9 +12,9 @@ import torch
 from dermtrain.cache import build_cache
 from dermtrain.config import from_dict
 from dermtrain.data import load_records
-from dermtrain.fit import RunFiles, predict_logits, training_curves_png
-from dermtrain.metrics import (expected_calibration_error, fit_temperature, softmax, summarize,
-                               threshold_for_sensitivity)
+from dermtrain.fit import RunFiles, predict_logits, split_log_prior, training_curves_png
+from dermtrain.metrics import (FlagChoice, choose_flag, expected_calibration_error, fit_temperature,
+                               mel_flag_scores, softmax, summarize, threshold_for_sensitivity)
 from dermtrain.models import create_model
 from dermtrain.plots import confusion_matrix_png
 from dermtrain.splits import manifest_sha256, read_manifest, select
@@ -73,25 +73,34 @@ def evaluate(run_dir: Path, data_dir: Path, split_name: str = "test", target_sen
     val_logits = tta_logits(model, val_x, spec, tta, cfg.eval_batch_size)
     logits = tta_logits(model, x, spec, tta, cfg.eval_batch_size)
 
-    # The shipped temperature is the plain one; a test-time-view setting keeps it and gets its own threshold.
+    # The shipped temperature and melanoma-flag offsets are the plain ones; a test-time-view setting keeps them and
+    # gets its own threshold.
     cal_path = run.root / "calibration.json"
     cal = json.loads(cal_path.read_text()) if tta != "none" and cal_path.is_file() else None
-    temperature = float(cal["temperature"]) if cal else fit_temperature(val_logits, val_y)
-    val_p_mel = softmax(val_logits, temperature)[:, MEL_INDEX]
-    threshold = threshold_for_sensitivity(val_p_mel, val_y == MEL_INDEX, target_sensitivity)
+    if cal:
+        temperature, offsets = float(cal["temperature"]), tuple(cal.get("mel_flag_offsets", ()))
+        threshold = threshold_for_sensitivity(mel_flag_scores(val_logits, temperature, offsets), val_y == MEL_INDEX,
+                                              target_sensitivity)
+        flag = FlagChoice(float(cal.get("mel_flag_shift", 0.0)), offsets, threshold, ())
+    else:
+        temperature = fit_temperature(val_logits, val_y)
+        log_prior = split_log_prior(data_dir, run.split, lim, cfg.seed)
+        flag = choose_flag(val_logits, val_y, temperature, log_prior, target_sensitivity)
     scores = Scores(val_logits, val_y, logits, y)
-    metrics = clinical_metrics(scores, temperature, threshold, target_sensitivity,
+    metrics = clinical_metrics(scores, temperature, flag, target_sensitivity,
                                {"run": str(run.root), "split": split_name, "checkpoint_epoch": state["epoch"],
                                 "model": cfg.model, "img_size": spec.size, "tta": tta,
                                 "split_sha256": state["split_sha256"]})
     if tta == "none":
         old = json.loads(cal_path.read_text()) if cal_path.is_file() else {}
-        keep = {k: v for k, v in old.get("mel_thresholds", {}).items()} if old.get("temperature") == temperature else {}
-        write_json(cal_path, {"temperature": temperature, "mel_threshold": threshold,
-                              "mel_thresholds": keep, "target_sensitivity": target_sensitivity,
+        same = old.get("temperature") == temperature and old.get("mel_flag_offsets", []) == list(flag.offsets)
+        write_json(cal_path, {"temperature": temperature, "mel_threshold": flag.threshold,
+                              "mel_thresholds": old.get("mel_thresholds", {}) if same else {},
+                              "mel_flag_shift": flag.shift, "mel_flag_offsets": list(flag.offsets),
+                              "mel_flag_grid": list(flag.grid), "target_sensitivity": target_sensitivity,
                               "validation": metrics["validation"]})
     elif cal is not None:
-        write_json(cal_path, {**cal, "mel_thresholds": {**cal.get("mel_thresholds", {}), tta: threshold}})
+        write_json(cal_path, {**cal, "mel_thresholds": {**cal.get("mel_thresholds", {}), tta: flag.threshold}})
     write_evaluation(run.root, metrics, scores, f"{cfg.model} @ {spec.size}px, {split_name} split")
     history = json.loads(run.history.read_text()) if run.history.is_file() else state.get("history")
     if history:  # the whole run, not just up to the best checkpoint
@@ -108,11 +117,11 @@ class Scores:
     labels: np.ndarray
 
 
-def clinical_metrics(s: Scores, temperature: float, threshold: float, target_sensitivity: float, header: dict) -> dict:
-    """metrics.json: every headline figure of the evaluated split at this temperature and melanoma threshold,
-    and the threshold's figures on validation."""
-    val_sum = summarize(s.val_logits, s.val_labels, temperature, threshold)
-    m = summarize(s.logits, s.labels, temperature, threshold)
+def clinical_metrics(s: Scores, temperature: float, flag: FlagChoice, target_sensitivity: float, header: dict) -> dict:
+    """metrics.json: every headline figure of the evaluated split at this temperature and melanoma flag,
+    and the flag's figures on validation."""
+    val_sum = summarize(s.val_logits, s.val_labels, temperature, flag.threshold, flag.offsets)
+    m = summarize(s.logits, s.labels, temperature, flag.threshold, flag.offsets)
     return {
         **header,
         **{k: m[k] for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "per_class", "auc", "class_table",
@@ -120,7 +129,8 @@ def clinical_metrics(s: Scores, temperature: float, threshold: float, target_sen
         "calibration": {"temperature": temperature,
                         "ece_before": expected_calibration_error(softmax(s.logits), s.labels),
                         "ece_after": m["ece"]},
-        "operating_point": {"class": "mel", "threshold": threshold, "target_sensitivity": target_sensitivity,
+        "operating_point": {"class": "mel", "threshold": flag.threshold, "target_sensitivity": target_sensitivity,
+                            "flag_shift": flag.shift, "flag_offsets": list(flag.offsets),
                             "chosen_on": "val", "val_recall": val_sum["melanoma"]["threshold"]["recall"],
                             "val_specificity": val_sum["melanoma"]["threshold"]["specificity"]},
         "validation": validation_figures(val_sum),
@@ -179,7 +189,8 @@ def evaluate_bundle(onnx_path: Path, data_dir: Path, split_csv: Path, out_dir: P
     val_logits, val_y = scored("val")
     logits, y = scored(split_name)
     scores = Scores(val_logits, val_y, logits, y)
-    metrics = clinical_metrics(scores, b.temperature, b.threshold_for(tta), 0.90,
+    flag = FlagChoice(None, b.mel_flag_offsets, b.threshold_for(tta), ())  # the bundle's own: nothing refitted
+    metrics = clinical_metrics(scores, b.temperature, flag, 0.90,
                                {"run": str(onnx_path), "split": split_name, "checkpoint_epoch": None,
                                 "model": b.model_name, "img_size": b.preprocess.size, "tta": tta,
                                 "split_sha256": b.split_sha256, "precision": b.precision})
@@ -190,6 +201,15 @@ def evaluate_bundle(onnx_path: Path, data_dir: Path, split_csv: Path, out_dir: P
 
 def _pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def flag_score_words(op: dict) -> str:
+    """What the flag's score is, in the words of a report."""
+    if not op.get("flag_offsets"):
+        return "the calibrated p(mel) the bars show"
+    if op.get("flag_shift") is None:
+        return "p(mel) re-weighted by the bundle's flag offsets"
+    return f"p(mel) after a further {op['flag_shift']:g} x the training log-prior (chosen on validation)"
 
 
 def render_report(m: dict, tag: str = "") -> str:
@@ -209,7 +229,7 @@ def render_report(m: dict, tag: str = "") -> str:
         f"| balanced accuracy (mean recall) | {_pct(m['balanced_accuracy'])} |",
         f"| macro F1 | {_pct(m['macro_f1'])} |",
         f"| melanoma recall / specificity at argmax | {_pct(mel_a['recall'])} / {_pct(mel_a['specificity'])} |",
-        f"| melanoma recall / specificity at p(mel) >= {mel_t['threshold']:.3f} | "
+        f"| melanoma recall / specificity at the flag (score >= {mel_t['threshold']:.4f}) | "
         f"{_pct(mel_t['recall'])} / {_pct(mel_t['specificity'])} |",
         f"| ECE before / after temperature {m['calibration']['temperature']:.3f} | "
         f"{_pct(m['calibration']['ece_before'])} / {_pct(m['calibration']['ece_after'])} |",
@@ -229,8 +249,8 @@ def render_report(m: dict, tag: str = "") -> str:
         "",
         "## Melanoma operating point",
         "",
-        f"The threshold on calibrated p(mel) was chosen on the validation split for at least "
-        f"{_pct(op['target_sensitivity'])} melanoma sensitivity: t = {op['threshold']:.4f} "
+        f"The melanoma flag compares its score, {flag_score_words(op)}, with a threshold chosen on the validation "
+        f"split for at least {_pct(op['target_sensitivity'])} melanoma sensitivity: t = {op['threshold']:.4f} "
         f"(validation recall {_pct(op['val_recall'])}, specificity {_pct(op['val_specificity'])}). "
         f"On this split it catches {mel_t['tp']} of {mel_t['tp'] + mel_t['fn']} melanomas and flags "
         f"{mel_t['fp']} of {mel_t['fp'] + mel_t['tn']} non-melanomas.",

@@ -18,7 +18,7 @@ from tqdm import tqdm
 import dermtrain
 from dermtrain import distributed as D
 from dermtrain.augment import augment, normalize as torch_normalize, to_float_nchw
-from dermtrain.cache import build_cache
+from dermtrain.cache import build_cache, labels_of
 from dermtrain.config import TrainConfig
 from dermtrain.data import load_records
 from dermtrain.losses import FocalLoss
@@ -98,6 +98,11 @@ def sampled_log_prior(labels: np.ndarray, sampling: str = "uniform") -> np.ndarr
     counts = np.bincount(labels, minlength=len(CLASS_CODES)).astype(np.float64) + 1.0
     counts **= 1 - SAMPLING_POWER[sampling]
     return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def split_log_prior(data_dir: Path, split_csv: Path, limit: int | None = None, seed: int = 0) -> np.ndarray:
+    """The data's own log class prior: of the training images of a split manifest, as drawn uniformly."""
+    return sampled_log_prior(labels_of(select(read_manifest(split_csv), load_records(data_dir), "train", limit, seed)))
 
 
 def sample_order(labels: np.ndarray, sampling: str, g: torch.Generator) -> torch.Tensor:

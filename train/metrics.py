@@ -3,6 +3,7 @@ operating points. numpy only, so evaluation and the conversion gate share one im
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -108,6 +109,49 @@ def threshold_for_sensitivity(p_pos: np.ndarray, positive: np.ndarray, target: f
     return snap_threshold(t)  # rounded down: shown exactly, and at least as sensitive
 
 
+# Shares of the training log-prior the melanoma flag may add to the calibrated logits (0: the bars' own p(mel)).
+FLAG_SHIFTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+
+def mel_flag_scores(logits: np.ndarray, temperature: float = 1.0, offsets=()) -> np.ndarray:
+    """The melanoma flag's score of each image: softmax(logits / T + offsets)[mel]; the runtime computes the same
+    from calibrated probabilities (engines.bundle.ModelBundle.mel_score)."""
+    z = np.asarray(logits, np.float64) / temperature
+    if len(offsets):
+        z = z + np.asarray(offsets, np.float64)
+    return softmax(z)[:, MEL_INDEX]
+
+
+@dataclass(frozen=True)
+class FlagChoice:
+    """The melanoma flag's operating point: its offsets (shift x log-prior) and the threshold on its score."""
+    shift: float | None  # None: read from a bundle, which keeps only the offsets
+    offsets: tuple[float, ...]
+    threshold: float
+    grid: tuple[dict, ...]  # every shift tried: its threshold, validation specificity and melanoma AUC
+
+
+def choose_flag(val_logits: np.ndarray, val_labels: np.ndarray, temperature: float, log_prior: np.ndarray,
+                target: float = 0.90, shifts=FLAG_SHIFTS) -> FlagChoice:
+    """The shift of the flag's logits towards the training prior that raises the fewest validation alarms at the
+    target melanoma sensitivity (ties: the better melanoma AUC, then the smaller shift), and its threshold."""
+    mel = val_labels == MEL_INDEX
+    grid = []
+    for b in shifts:
+        score = mel_flag_scores(val_logits, temperature, b * log_prior)
+        thr = threshold_for_sensitivity(score, mel, target)
+        grid.append({"shift": float(b), "threshold": thr, "specificity": binary_rates(score, mel, thr)["specificity"],
+                     "auc": auc_binary(score, mel)})
+    best = max(grid, key=lambda g: (np.nan_to_num(g["specificity"], nan=-1.0), np.nan_to_num(g["auc"], nan=-1.0),
+                                    -g["shift"]))
+    offsets = tuple(round(float(v), 6) for v in best["shift"] * np.asarray(log_prior, np.float64))
+    if best["shift"] == 0:
+        offsets = ()
+    # the threshold again on the rounded offsets the bundle will carry, so what was chosen is what runs
+    thr = threshold_for_sensitivity(mel_flag_scores(val_logits, temperature, offsets), mel, target)
+    return FlagChoice(best["shift"], offsets, thr, tuple(grid))
+
+
 def binary_rates(p_pos: np.ndarray, positive: np.ndarray, threshold: float) -> dict:
     pos = positive.astype(bool)
     flag = p_pos >= threshold
@@ -149,8 +193,9 @@ def class_table(cm: np.ndarray) -> list[dict]:
 
 
 def summarize(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0,
-              mel_threshold: float | None = None) -> dict:
-    """Every headline figure for one split, from its logits."""
+              mel_threshold: float | None = None, mel_offsets=()) -> dict:
+    """Every headline figure for one split, from its logits; the melanoma flag at `mel_threshold` on its own score
+    (`mel_flag_scores` with `mel_offsets`)."""
     probs = softmax(logits, temperature)
     pred = probs.argmax(axis=1)
     cm = confusion(y_true, pred)
@@ -168,5 +213,7 @@ def summarize(logits: np.ndarray, y_true: np.ndarray, temperature: float = 1.0,
         "melanoma": {"argmax": melanoma_at_argmax(cm)},
     }
     if mel_threshold is not None:
-        out["melanoma"]["threshold"] = binary_rates(probs[:, MEL_INDEX], y_true == MEL_INDEX, mel_threshold)
+        score = mel_flag_scores(logits, temperature, mel_offsets)
+        out["melanoma"]["threshold"] = binary_rates(score, y_true == MEL_INDEX, mel_threshold)
+        out["melanoma"]["flag_auc"] = auc_binary(score, y_true == MEL_INDEX)
     return out

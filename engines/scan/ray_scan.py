@@ -82,6 +82,7 @@ class _Classifier:
                 "error": np.array([r.error for r in rows], dtype=object),
                 "label": np.array([r.label for r in rows], dtype=object),
                 "probs": np.array([r.probs or (np.nan,) * K for r in rows], dtype=np.float64),
+                "score": np.array([r.melanoma_score for r in rows], dtype=np.float64),
                 "flag": np.array([r.melanoma_flag for r in rows]),
                 "w": np.array([r.width for r in rows]), "h": np.array([r.height for r in rows])}
 
@@ -93,7 +94,8 @@ def _rows(b: dict) -> list[Row]:
             out.append(Row(str(b["file"][i]), str(b["status"][i]), str(b["error"][i])))
             continue
         p = tuple(float(v) for v in b["probs"][i])
-        out.append(Row(str(b["file"][i]), "ok", "", str(b["label"][i]), max(p), p, bool(b["flag"][i]),
+        out.append(Row(str(b["file"][i]), "ok", "", str(b["label"][i]), max(p), p, float(b["score"][i]),
+                       bool(b["flag"][i]),
                        int(b["w"][i]), int(b["h"][i])))
     return out
 

@@ -101,8 +101,7 @@ def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, mod
     """paths: row file name -> the file on disk (names that were not valid UTF-8 are escaped in the rows)."""
     paths = paths or {}
     where = printable(str(folder.resolve()))
-    mel = CLASS_CODES.index("mel")
-    ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: (not r.melanoma_flag, -r.probs[mel]))
+    ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: (not r.melanoma_flag, -r.melanoma_score))
     errors = sorted((r for r in rows if r.status != "ok"), key=lambda r: r.file)
     flagged = [r for r in ok if r.melanoma_flag]
     pictured = flagged + [r for r in ok if not r.melanoma_flag][:MAX_UNFLAGGED_THUMBNAILS]
@@ -119,7 +118,7 @@ def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, mod
            "<h2>Summary</h2><table class='meta'>",
            f"<tr><td>images scanned</td><td>{len(ok) + len(errors)}</td></tr>",
            f"<tr><td>classified</td><td>{len(ok)}</td></tr><tr><td>unreadable</td><td>{len(errors)}</td></tr>",
-           f"<tr><td>melanoma suspects</td><td><b>{len(flagged)}</b> (p(mel) &ge; {pct(thr)})</td></tr>",
+           f"<tr><td>melanoma suspects</td><td><b>{len(flagged)}</b> (melanoma score &ge; {pct(thr)})</td></tr>",
            "</table><h3>Per class (top-1 label)</h3><table><tr><th>class</th><th>code</th><th class='num'>images</th></tr>"]
     for c in CLASS_CODES:
         out.append(f"<tr><td>{e(class_name(c))}</td><td>{c}</td><td class='num'>{counts.get(c, 0)}</td></tr>")
@@ -134,7 +133,10 @@ def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, mod
     out.append(f"<tr><td>split manifest</td><td>{e(bundle.split_sha256[:12])}</td></tr></table>")
     unpictured = len(ok) - len(pictured)
     out += ["<h2>Results</h2>",
-            "<p>Melanoma suspects first, then by p(mel). Click a column to sort (numbers: highest first). "
+            "<p>Melanoma suspects first, then by melanoma score (what the flag compares with the threshold"
+            + ("" if not bundle.mel_flag_offsets else
+               ": p(mel) re-weighted towards the training data's case mix, which ranks melanomas better")
+            + "). Click a column to sort (numbers: highest first). "
             "File names open the image. 500 rows a page. Every suspect has its picture"
             + (f"; {unpictured} other rows have none, to keep this file small." if unpictured else ".") + "</p>",
             "<div class='filters'><label><input type='checkbox' id='f-flag'> melanoma suspects only</label> "
@@ -144,6 +146,7 @@ def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, mod
             "<span id='f-count'></span> <button id='f-prev'>&#9664;</button> <span id='f-page'></span> "
             "<button id='f-next'>&#9654;</button></div>",
             "<table id='results'><thead><tr><th></th><th class='s'>file</th><th class='s num'>flag</th>"
+            "<th class='s num' title='what the melanoma flag compares with the threshold'>mel score</th>"
             "<th class='s'>label</th><th class='s num'>confidence</th>"
             + "".join(f"<th class='s num' title='{e(class_name(c))}'>p({c})</th>" for c in CLASS_CODES)
             + "</tr></thead><tbody class='pending'>"]
@@ -154,7 +157,9 @@ def render(rows: list[Row], folder: Path, bundle: ModelBundle, backend: str, mod
         link = f"<a href='{e(_uri(paths.get(r.file, folder / r.file)))}'>{e(r.file)}</a>"
         out.append(f"<tr class='{'flag' if r.melanoma_flag else ''}' data-label='{r.label}' data-file='{e(r.file)}'>"
                    f"<td>{img}</td><td>{link}</td>"
-                   f"<td data-v='{int(r.melanoma_flag)}'>{flag}</td><td title='{e(class_name(r.label))}'>{r.label}</td>"
+                   f"<td data-v='{int(r.melanoma_flag)}'>{flag}</td>"
+                   f"<td class='num' data-v='{r.melanoma_score:.6f}'>{pct(r.melanoma_score)}</td>"
+                   f"<td title='{e(class_name(r.label))}'>{r.label}</td>"
                    f"<td class='num' data-v='{r.confidence:.6f}'>{pct(r.confidence)}</td>"
                    + "".join(f"<td class='num' data-v='{p:.6f}'>{pct(p)}</td>" for p in r.probs) + "</tr>")
     out.append("</tbody></table>")

@@ -20,10 +20,11 @@ from pathlib import Path, PurePosixPath
 from engines.fsutil import atomic_path
 from engines.labels import CLASS_CODES
 
-COLUMNS = ("file", "status", "error", "label", "confidence", *CLASS_CODES, "melanoma_flag", "width", "height")
+COLUMNS = ("file", "status", "error", "label", "confidence", *CLASS_CODES, "melanoma_score", "melanoma_flag", "width",
+           "height")
 ISIC_COLUMNS = ("image", "MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
-SIDECAR_FORMAT = 1
+SIDECAR_FORMAT = 2  # 2: the melanoma_score column
 
 
 class OutputError(Exception):
@@ -60,6 +61,7 @@ class Row:
     label: str = ""
     confidence: float | None = None
     probs: tuple[float, ...] = ()
+    melanoma_score: float = 0.0  # what the flag compares with the threshold (p(mel) for bundles without flag offsets)
     melanoma_flag: bool = False
     width: int = 0
     height: int = 0
@@ -67,9 +69,10 @@ class Row:
     def cells(self) -> list[str]:
         name = neutralise(self.file)
         if self.status != "ok":
-            return [name, self.status, neutralise(one_line(self.error)), "", "", *[""] * len(CLASS_CODES), "", "", ""]
+            return [name, self.status, neutralise(one_line(self.error)), "", "", *[""] * len(CLASS_CODES), "", "", "",
+                    ""]
         return [name, "ok", "", self.label, f"{self.confidence:.6f}", *(f"{p:.6f}" for p in self.probs),
-                "1" if self.melanoma_flag else "0", str(self.width), str(self.height)]
+                f"{self.melanoma_score:.6f}", "1" if self.melanoma_flag else "0", str(self.width), str(self.height)]
 
     @classmethod
     def from_cells(cls, c: list[str]) -> "Row":
@@ -77,7 +80,7 @@ class Row:
         if d["status"] != "ok":
             return cls(restore(d["file"]), d["status"], restore(d["error"]))
         return cls(restore(d["file"]), "ok", "", d["label"], float(d["confidence"]),
-                   tuple(float(d[k]) for k in CLASS_CODES), d["melanoma_flag"] == "1",
+                   tuple(float(d[k]) for k in CLASS_CODES), float(d["melanoma_score"]), d["melanoma_flag"] == "1",
                    int(d["width"] or 0), int(d["height"] or 0))
 
 

@@ -57,15 +57,17 @@ def classify_rows(engine: Engine, items: list[tuple[str, np.ndarray, tuple[int, 
     if not items:
         return []
     spec, codes = engine.bundle.preprocess, engine.bundle.classes
-    mel, thr = engine.bundle.mel_index, engine.bundle.threshold_for(tta)
+    thr = engine.bundle.threshold_for(tta)
     probs, _ = engine.infer(normalize(np.stack([x for _, x, _ in items]), spec), tta)
+    scores = engine.bundle.mel_score(probs)
     rows = []
-    for (rel, _, (w, h)), p in zip(items, probs):
+    for (rel, _, (w, h)), p, score in zip(items, probs, scores):
         if not np.isfinite(p).all():
             rows.append(Row(rel, "error", f"{rel}: the model gave non-finite probabilities for this image"))
             continue
         i = int(p.argmax())
-        rows.append(Row(rel, "ok", "", codes[i], float(p[i]), tuple(float(v) for v in p), bool(p[mel] >= thr), w, h))
+        rows.append(Row(rel, "ok", "", codes[i], float(p[i]), tuple(float(v) for v in p), float(score),
+                        bool(score >= thr), w, h))
     return rows
 
 

@@ -224,5 +224,6 @@ def build_ensemble(paths: list[Path], out: Path, data: Path, split: Path, limit:
         f"{agreement['balanced_accuracy_members_own_inputs']:.2%} -> {agreement['balanced_accuracy_as_shipped']:.2%}")
     return {"members": [str(m.path) for m in members], "temperature": bundle.temperature,
             "mel_threshold": bundle.mel_threshold, "mel_thresholds": bundle.mel_thresholds,
-            "mel_flag_offsets": list(bundle.mel_flag_offsets), "validation": bundle.validation, "images": f"{len(labels)} validation images of {split}",
+            "mel_flag_offsets": list(bundle.mel_flag_offsets), "validation": bundle.validation,
+            "images": f"{len(labels)} validation images of {split}",
             "members_on_their_own_inputs": agreement}

@@ -95,8 +95,7 @@ def _rows(b: dict) -> list[Row]:
             continue
         p = tuple(float(v) for v in b["probs"][i])
         out.append(Row(str(b["file"][i]), "ok", "", str(b["label"][i]), max(p), p, float(b["score"][i]),
-                       bool(b["flag"][i]),
-                       int(b["w"][i]), int(b["h"][i])))
+                       bool(b["flag"][i]), int(b["w"][i]), int(b["h"][i])))
     return out
 
 

@@ -24,14 +24,12 @@ def pct(x) -> str:
 
 def training_minutes(run: Path) -> float | None:
     """Wall time of the run: its epochs plus the feature bank build (fast path); a soup's is its runs'."""
-    f, info = run / "history.json", run / "run.json"
+    from dermtrain.soup import training_time
+    info = run / "run.json"
     soup = json.loads(info.read_text()).get("soup") if info.is_file() else None
     if soup:
         return sum(i["minutes"] for i in soup)
-    if not f.is_file():
-        return None
-    hist = json.loads(f.read_text())
-    return sum(h.get("seconds", 0) + h.get("bank_seconds", 0) for h in hist) / 60
+    return training_time(run)["minutes"] if (run / "history.json").is_file() else None
 
 
 def flagged_share(onnx_path: Path, folder: Path, tta: str) -> float:

@@ -35,7 +35,8 @@
 # Not shipped either (docs/ablation.md): 160 px, `fit lite0-mixup160-s1 lite0-mixup --img-size 160 --train-seed 1`
 # (68.6%); no label smoothing, `fit lite0-mixup-nols-s1 docs/models/experiments/lite0_mixup_nols/config.json
 #  --train-seed 1` (72.1% at epoch 4, 70.5% over epochs 4-9 against 71.8%); mixup alpha 0.1,
-# `fit lite0-mixup01-s1 docs/models/experiments/lite0_mixup01/config.json --train-seed 1` (71.1%, 70.4% over 4-9).
+# `fit lite0-mixup01-s1 docs/models/experiments/lite0_mixup01/config.json --train-seed 1` (71.1%, 70.4% over 4-9);
+# 224 px, `fit lite0-mixup224-s1 lite0-mixup --img-size 224 --train-seed 1` (71.3%, 71.1% over 4-9).
 # The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
 # (INT8 fails its gate for both: docs/int8.md).
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]

@@ -73,8 +73,9 @@ def _unshifted(ing: Ingredient, bias_key: str) -> dict[str, torch.Tensor]:
     return weights
 
 
-def _training_time(run_dir: Path) -> dict:
-    """Epochs and minutes (bank included) of a run, from its history, for the soup's own record."""
+def training_time(run_dir: Path) -> dict:
+    """Epochs and minutes of a run (its epochs plus the feature bank build), from its history; a soup's own record
+    keeps each ingredient's."""
     hist_path = RunFiles(run_dir).history
     hist = json.loads(hist_path.read_text()) if hist_path.is_file() else []
     return {"epochs": len(hist),
@@ -130,7 +131,7 @@ def _record(ing: Ingredient) -> dict:
     r = ing.state["config"].get("recipe") or {}
     return {"run": str(ing.run), "epoch": ing.epoch, "val_balanced_acc": ing.val_balanced_acc,
             "train_seed": ing.state["config"]["seed"] if r.get("train_seed") is None else r["train_seed"],
-            "mixup": r.get("mixup"), **_training_time(ing.run)}
+            "mixup": r.get("mixup"), **training_time(ing.run)}
 
 
 def make_soup(run_dirs: list[Path], data_dir: Path, out: Path, greedy: bool = False,

@@ -1,6 +1,7 @@
 """`dermconvert RUN_OR_CHECKPOINT --onnx OUT.onnx [--fp16] [--int8] [--engine PATH] [--data DIR]`,
 `dermconvert verify MODEL.onnx --data DIR --split split.csv`, `dermconvert derive MODEL.onnx --fp16 ...`,
-`dermconvert ensemble M1.onnx M2.onnx ... --onnx OUT.onnx --data DIR --split split.csv [--fp16]`."""
+`dermconvert ensemble M1.onnx M2.onnx ... --onnx OUT.onnx --data DIR --split split.csv [--fp16]`,
+`dermconvert flag MODEL.onnx --data DIR --split split.csv [--out OUT.onnx] [--fp16]`."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +60,17 @@ def ensemble_parser() -> argparse.ArgumentParser:
     return p
 
 
+def flag_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dermconvert flag", description="Choose a bundle's melanoma flag (its own score's "
+                                "offsets and thresholds) on the validation images of its split, as dermtrain eval does "
+                                "for a run, and write the bundle again with only its metadata changed")
+    p.add_argument("model", help="the FP32 ONNX bundle (rewritten in place unless --out)")
+    p.add_argument("--out", help="write the flagged bundle here instead")
+    p.add_argument("--fp16", action="store_true", help="then derive its gated FP16 file again, with the new metadata")
+    _common(p)
+    return p
+
+
 def verify_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dermconvert verify", description="FP16 ONNX / TensorRT engine vs the FP32 ONNX")
     p.add_argument("model", help="the FP32 ONNX bundle")
@@ -77,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     from engines.bundle import BundleError
 
     argv = sys.argv[1:] if argv is None else argv
-    sub = argv[0] if argv and argv[0] in ("verify", "derive", "ensemble") else None
-    parser = {"verify": verify_parser, "derive": derive_parser, "ensemble": ensemble_parser,
+    sub = argv[0] if argv and argv[0] in ("verify", "derive", "ensemble", "flag") else None
+    parser = {"verify": verify_parser, "derive": derive_parser, "ensemble": ensemble_parser, "flag": flag_parser,
               None: convert_parser}[sub]()
     a = parser.parse_args(argv[1:] if sub else argv)
     try:
@@ -93,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if res.passed else 1
         if sub == "ensemble":
             return _ensemble(a, data)
+        if sub == "flag":
+            return _flag(a, data)
         if sub == "verify":
             from dermconvert.pipeline import verify
             if data is None or not a.split:
@@ -128,6 +142,20 @@ def _ensemble(a, data) -> int:
         raise ConvertError(f"{out}: the output would overwrite one of the members")
     report = build_ensemble([Path(m) for m in a.members], out, data, Path(a.split), a.limit, not a.no_cam)
     write_report([], out, report)
+    if a.fp16:
+        return 0 if derive(out, data, Path(a.split), True, False, a.limit).passed else 1
+    return 0
+
+
+def _flag(a, data) -> int:
+    from dermconvert.export import ConvertError
+    from dermconvert.flag import flag_bundle
+    from dermconvert.pipeline import derive
+
+    if data is None or not a.split:
+        raise ConvertError("flag needs --data (or DERM_DATA) and --split: the flag is chosen on validation images")
+    out = Path(a.out) if a.out else Path(a.model)
+    flag_bundle(Path(a.model), data, Path(a.split), out, a.limit)
     if a.fp16:
         return 0 if derive(out, data, Path(a.split), True, False, a.limit).passed else 1
     return 0

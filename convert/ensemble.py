@@ -19,7 +19,6 @@ import numpy as np
 from dermconvert.export import OPSET, ConvertError, set_metadata
 from engines.bundle import ModelBundle
 from engines.fsutil import atomic_path
-from engines.labels import MEL_INDEX
 
 INPUT = "input"
 
@@ -169,21 +168,14 @@ def member_logprobs(members: list[Member], data: Path, split: Path, limit: int |
 
 def calibrate(bundle: ModelBundle, val_logits: dict[str, np.ndarray], labels: np.ndarray, log_prior: np.ndarray,
               target_sensitivity: float = 0.90) -> ModelBundle:
-    """Temperature on the plain validation logits; the melanoma flag's offsets there, and its threshold per
-    test-time-view setting at that temperature; the headline validation figures."""
+    """Temperature on the plain validation logits, then the melanoma flag at that temperature (convert.flag)."""
     from dataclasses import replace
 
-    from dermtrain.evaluate import validation_figures
-    from dermtrain.metrics import choose_flag, fit_temperature, mel_flag_scores, summarize, threshold_for_sensitivity
+    from dermconvert.flag import with_flag
+    from dermtrain.metrics import fit_temperature
 
     t = fit_temperature(val_logits["none"], labels)
-    flag = choose_flag(val_logits["none"], labels, t, log_prior, target_sensitivity)
-    thr = {tta: threshold_for_sensitivity(mel_flag_scores(v, t, flag.offsets), labels == MEL_INDEX, target_sensitivity)
-           for tta, v in val_logits.items() if tta != "none"}
-    return replace(bundle, temperature=t, mel_threshold=flag.threshold, mel_thresholds=thr,
-                   mel_flag_offsets=flag.offsets,
-                   validation=validation_figures(summarize(val_logits["none"], labels, t, flag.threshold,
-                                                           flag.offsets)))
+    return with_flag(replace(bundle, temperature=t), val_logits, labels, log_prior, target_sensitivity)
 
 
 def build_ensemble(paths: list[Path], out: Path, data: Path, split: Path, limit: int | None = None,

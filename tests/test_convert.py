@@ -154,6 +154,41 @@ def test_flag_offsets_round_trip_and_only_they_need_a_version_2_runtime(tiny_onn
     assert replace(b, mel_flag_offsets=()).mel_score(p)[0] == pytest.approx(0.2)
 
 
+def test_flag_gives_an_older_bundle_its_own_melanoma_score(tiny_run, tiny_onnx, data_dir, tmp_path, capsys):
+    """`dermconvert flag`: a bundle without flag offsets (or a flip threshold) gets the ones dermtrain eval chose for
+    its run (the same validation images, scored as the bundle runs), a flip threshold, and a gated FP16 file with them;
+    a split it was not trained on is refused in one line and nothing is written."""
+    from dermconvert.cli import main
+    from dermtrain.metrics import binary_rates
+    from engines.labels import MEL_INDEX
+    from dermconvert.export import set_metadata
+    cal = json.loads((tiny_run / "calibration.json").read_text())
+    old = tmp_path / "old.onnx"
+    proto = onnx.load(str(tiny_onnx))
+    set_metadata(proto, replace(OrtEngine(tiny_onnx).bundle, mel_flag_offsets=(), mel_thresholds={}))
+    onnx.save(proto, str(old))
+    n = json.loads((tiny_run / "metrics.json").read_text())["validation"]["n"]
+    common = ["--data", str(data_dir), "--split", str(tiny_run / "split.csv"), "--limit", str(n)]
+    assert OrtEngine(old).bundle.mel_flag_offsets == ()
+    assert main(["flag", str(old), "--out", str(tmp_path / "new.onnx"), "--fp16", *common]) == 0
+    new = OrtEngine(tmp_path / "new.onnx").bundle
+    assert new.mel_flag_offsets == pytest.approx(tuple(cal["mel_flag_offsets"]), abs=1e-6)
+    assert new.mel_threshold == pytest.approx(cal["mel_threshold"]) and set(new.mel_thresholds) == {"flip"}
+    assert OrtEngine(tmp_path / "new.fp16.onnx").bundle.mel_flag_offsets == new.mel_flag_offsets
+    x, y = validation_batch(data_dir, tiny_run / "split.csv", new.preprocess, n, progress=False)
+    eng = OrtEngine(tmp_path / "new.onnx")
+    for tta in ("none", "flip"):
+        p, _ = eng.infer(x, tta)
+        assert binary_rates(new.mel_score(p), y == MEL_INDEX, new.threshold_for(tta))["recall"] >= 0.90
+    other = tmp_path / "other.csv"
+    other.write_text((tiny_run / "split.csv").read_text().replace(",val\n", ",test\n", 1))
+    before = old.read_bytes()
+    capsys.readouterr()
+    assert main(["flag", str(old), "--data", str(data_dir), "--split", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not the manifest" in err and old.read_bytes() == before
+
+
 def test_model_without_metadata_is_refused(tmp_path):
     model = create_model("test_convnext").eval()
     torch.onnx.export(model, (torch.zeros(1, 3, 64, 64),), str(tmp_path / "plain.onnx"), opset_version=17, dynamo=False)

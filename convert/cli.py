@@ -154,10 +154,16 @@ def _flag(a, data) -> int:
 
     if data is None or not a.split:
         raise ConvertError("flag needs --data (or DERM_DATA) and --split: the flag is chosen on validation images")
+    from engines.fsutil import sibling
+
     out = Path(a.out) if a.out else Path(a.model)
     flag_bundle(Path(a.model), data, Path(a.split), out, a.limit)
     if a.fp16:
         return 0 if derive(out, data, Path(a.split), True, False, a.limit).passed else 1
+    stale = [f.name for f in (sibling(out, ".fp16.onnx"), sibling(out, ".int8.onnx")) if f.is_file()]
+    if stale:  # a reduced-precision file would still raise the previous flag
+        print(f"dermconvert: note: the previous flag is still in {', '.join(stale)}: derive again "
+              f"(dermconvert derive {out} --fp16/--int8 ...)", file=sys.stderr)
     return 0
 
 

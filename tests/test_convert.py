@@ -159,9 +159,9 @@ def test_flag_gives_an_older_bundle_its_own_melanoma_score(tiny_run, tiny_onnx, 
     its run (the same validation images, scored as the bundle runs), a flip threshold, and a gated FP16 file with them;
     a split it was not trained on is refused in one line and nothing is written."""
     from dermconvert.cli import main
+    from dermconvert.export import set_metadata
     from dermtrain.metrics import binary_rates
     from engines.labels import MEL_INDEX
-    from dermconvert.export import set_metadata
     cal = json.loads((tiny_run / "calibration.json").read_text())
     old = tmp_path / "old.onnx"
     proto = onnx.load(str(tiny_onnx))
@@ -171,6 +171,9 @@ def test_flag_gives_an_older_bundle_its_own_melanoma_score(tiny_run, tiny_onnx, 
     common = ["--data", str(data_dir), "--split", str(tiny_run / "split.csv"), "--limit", str(n)]
     assert OrtEngine(old).bundle.mel_flag_offsets == ()
     assert main(["flag", str(old), "--out", str(tmp_path / "new.onnx"), "--fp16", *common]) == 0
+    capsys.readouterr()
+    assert main(["flag", str(tmp_path / "new.onnx"), "--out", str(tmp_path / "new.onnx"), *common]) == 0
+    assert "the previous flag is still in new.fp16.onnx" in capsys.readouterr().err  # without --fp16: said so
     new = OrtEngine(tmp_path / "new.onnx").bundle
     assert new.mel_flag_offsets == pytest.approx(tuple(cal["mel_flag_offsets"]), abs=1e-6)
     assert new.mel_threshold == pytest.approx(cal["mel_threshold"]) and set(new.mel_thresholds) == {"flip"}

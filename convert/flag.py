@@ -9,10 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dermconvert.export import ConvertError
 from engines.bundle import ModelBundle
 from engines.fsutil import atomic_path
-from engines.labels import MEL_INDEX
 
 
 def with_flag(bundle: ModelBundle, val_logits: dict[str, np.ndarray], labels: np.ndarray, log_prior: np.ndarray,
@@ -20,11 +18,11 @@ def with_flag(bundle: ModelBundle, val_logits: dict[str, np.ndarray], labels: np
     """The bundle with its melanoma flag chosen at its own temperature: the offsets on the plain validation logits,
     a threshold per test-time-view setting in `val_logits`, and the headline validation figures."""
     from dermtrain.evaluate import validation_figures
-    from dermtrain.metrics import choose_flag, mel_flag_scores, summarize, threshold_for_sensitivity
+    from dermtrain.metrics import choose_flag, flag_threshold, summarize
 
-    t, mel = bundle.temperature, labels == MEL_INDEX
+    t = bundle.temperature
     flag = choose_flag(val_logits["none"], labels, t, log_prior, target_sensitivity)
-    thr = {tta: threshold_for_sensitivity(mel_flag_scores(v, t, flag.offsets), mel, target_sensitivity)
+    thr = {tta: flag_threshold(v, labels, t, flag.offsets, target_sensitivity)
            for tta, v in val_logits.items() if tta != "none"}
     return replace(bundle, mel_threshold=flag.threshold, mel_thresholds=thr, mel_flag_offsets=flag.offsets,
                    validation=validation_figures(summarize(val_logits["none"], labels, t, flag.threshold,
@@ -39,17 +37,13 @@ def flag_bundle(model: Path, data: Path, split: Path, out: Path | None = None, l
 
     from dermconvert.export import set_metadata
     from dermconvert.pipeline import validation_batch
+    from dermtrain.evaluate import check_bundle_split
     from dermtrain.fit import split_log_prior
-    from dermtrain.splits import manifest_sha256
     from engines.onnx_backend import OrtEngine
 
     eng = OrtEngine(model, "cpu")
     old = eng.bundle
-    if not split.is_file():
-        raise ConvertError(f"{split}: split manifest not found")
-    if not old.split_sha256 or manifest_sha256(split) != old.split_sha256:
-        raise ConvertError(f"{split}: not the manifest {model.name} was trained on: the flag must be chosen on its own "
-                           "validation images, never on images it was trained or tested on")
+    check_bundle_split(old, split, model.name, required=True)  # the flag is chosen on its own validation images
     x, labels = validation_batch(data, split, old.preprocess, limit)
     tta_settings = ["none", *sorted({"flip", *old.mel_thresholds})]  # every setting gets a threshold of its own
     log(f"{model}: scoring {len(labels)} validation images ({', '.join(tta_settings)})")

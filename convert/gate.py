@@ -59,15 +59,15 @@ def compare(reference: Engine, candidate: Engine, batch: np.ndarray, labels: np.
     limits = limits or LIMITS.get(candidate.bundle.precision, LIMITS["fp16"])
     p32, _ = reference.infer(batch)
     p16, _ = candidate.infer(batch)
-    flag = reference.bundle  # the reference's flag (score and threshold) judges both
+    ref = reference.bundle  # the reference's flag (score and threshold) judges both
     cm32, cm16 = confusion(labels, p32.argmax(1)), confusion(labels, p16.argmax(1))
     mel = labels == MEL_INDEX
     r = GateResult(
         candidate=name, n=len(labels),
         top1_agreement=float((p32.argmax(1) == p16.argmax(1)).mean()),
         balanced_accuracy_fp32=balanced_accuracy(cm32), balanced_accuracy_fp16=balanced_accuracy(cm16),
-        melanoma_recall_fp32=binary_rates(flag.mel_score(p32), mel, flag.mel_threshold)["recall"],
-        melanoma_recall_fp16=binary_rates(flag.mel_score(p16), mel, flag.mel_threshold)["recall"],
+        melanoma_recall_fp32=binary_rates(ref.mel_score(p32), mel, ref.mel_threshold)["recall"],
+        melanoma_recall_fp16=binary_rates(ref.mel_score(p16), mel, ref.mel_threshold)["recall"],
         melanoma_recall_argmax_fp32=melanoma_at_argmax(cm32)["recall"],
         melanoma_recall_argmax_fp16=melanoma_at_argmax(cm16)["recall"],
         max_prob_diff=float(np.abs(p32 - p16).max()), passed=False, limits=limits.describe())

@@ -13,13 +13,13 @@ from dermtrain.cache import build_cache
 from dermtrain.config import from_dict
 from dermtrain.data import load_records
 from dermtrain.fit import RunFiles, predict_logits, split_log_prior, training_curves_png
-from dermtrain.metrics import (FlagChoice, choose_flag, expected_calibration_error, fit_temperature,
-                               mel_flag_scores, softmax, summarize, threshold_for_sensitivity)
+from dermtrain.metrics import (FlagChoice, choose_flag, expected_calibration_error, fit_temperature, flag_threshold,
+                               softmax, summarize)
 from dermtrain.models import create_model
 from dermtrain.plots import confusion_matrix_png
 from dermtrain.splits import manifest_sha256, read_manifest, select
 from engines.fsutil import atomic_path, write_json, write_text
-from engines.labels import MEL_INDEX, class_name
+from engines.labels import class_name
 from engines.preprocess import PreprocessSpec, flip_views
 
 
@@ -79,8 +79,7 @@ def evaluate(run_dir: Path, data_dir: Path, split_name: str = "test", target_sen
     cal = json.loads(cal_path.read_text()) if tta != "none" and cal_path.is_file() else None
     if cal:
         temperature, offsets = float(cal["temperature"]), tuple(cal.get("mel_flag_offsets", ()))
-        threshold = threshold_for_sensitivity(mel_flag_scores(val_logits, temperature, offsets), val_y == MEL_INDEX,
-                                              target_sensitivity)
+        threshold = flag_threshold(val_logits, val_y, temperature, offsets, target_sensitivity)
         flag = FlagChoice(float(cal.get("mel_flag_shift", 0.0)), offsets, threshold, ())
     else:
         temperature = fit_temperature(val_logits, val_y)
@@ -161,6 +160,18 @@ def write_evaluation(root: Path, metrics: dict, s: Scores, title: str) -> None:
     write_text(root / f"report{tag}.md", render_report(metrics, tag))
 
 
+def check_bundle_split(b, split_csv: Path, model_name: str, required: bool = False) -> None:
+    """Refuse (EvalError, one line) a manifest other than the one the bundle was trained on: its validation or test
+    images could be training images. `required`: a bundle that records no manifest is refused too."""
+    if not split_csv.is_file():
+        raise EvalError(f"{split_csv}: split manifest not found")
+    if required and not b.split_sha256:
+        raise EvalError(f"{model_name}: records no split manifest, so its validation images are unknown")
+    if b.split_sha256 and manifest_sha256(split_csv) != b.split_sha256:
+        raise EvalError(f"{split_csv}: not the manifest {model_name} was trained on (its sha256 is "
+                        f"{b.split_sha256[:12]}…): its validation or test images could be training images")
+
+
 def evaluate_bundle(onnx_path: Path, data_dir: Path, split_csv: Path, out_dir: Path, split_name: str = "test",
                     tta: str = "none", limit: int | None = None, progress: bool = True) -> dict:
     """`dermtrain eval MODEL.onnx --split S --out DIR`: a shipped bundle as it runs, its own temperature and
@@ -174,11 +185,7 @@ def evaluate_bundle(onnx_path: Path, data_dir: Path, split_csv: Path, out_dir: P
     except BundleError as e:
         raise EvalError(str(e)) from None
     b = eng.bundle
-    if not split_csv.is_file():
-        raise EvalError(f"{split_csv}: split manifest not found")
-    if b.split_sha256 and manifest_sha256(split_csv) != b.split_sha256:
-        raise EvalError(f"{split_csv}: not the manifest {onnx_path.name} was trained on (its sha256 is "
-                        f"{b.split_sha256[:12]}…): its validation or test images could be training images")
+    check_bundle_split(b, split_csv, onnx_path.name)
     rows, records = read_manifest(split_csv), load_records(data_dir)
 
     def scored(name: str) -> tuple[np.ndarray, np.ndarray]:

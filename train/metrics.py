@@ -122,6 +122,12 @@ def mel_flag_scores(logits: np.ndarray, temperature: float = 1.0, offsets=()) ->
     return softmax(z)[:, MEL_INDEX]
 
 
+def flag_threshold(val_logits: np.ndarray, val_labels: np.ndarray, temperature: float, offsets,
+                   target: float = 0.90) -> float:
+    """The threshold on the flag's score (with these offsets) that keeps `target` of the validation melanomas."""
+    return threshold_for_sensitivity(mel_flag_scores(val_logits, temperature, offsets), val_labels == MEL_INDEX, target)
+
+
 @dataclass(frozen=True)
 class FlagChoice:
     """The melanoma flag's operating point: its offsets (shift x log-prior) and the threshold on its score."""
@@ -148,8 +154,8 @@ def choose_flag(val_logits: np.ndarray, val_labels: np.ndarray, temperature: flo
     if best["shift"] == 0:
         offsets = ()
     # the threshold again on the rounded offsets the bundle will carry, so what was chosen is what runs
-    thr = threshold_for_sensitivity(mel_flag_scores(val_logits, temperature, offsets), mel, target)
-    return FlagChoice(best["shift"], offsets, thr, tuple(grid))
+    return FlagChoice(best["shift"], offsets, flag_threshold(val_logits, val_labels, temperature, offsets, target),
+                      tuple(grid))
 
 
 def binary_rates(p_pos: np.ndarray, positive: np.ndarray, threshold: float) -> dict:

@@ -69,8 +69,7 @@ class Row:
     def cells(self) -> list[str]:
         name = neutralise(self.file)
         if self.status != "ok":
-            return [name, self.status, neutralise(one_line(self.error)), "", "", *[""] * len(CLASS_CODES), "", "", "",
-                    ""]
+            return [name, self.status, neutralise(one_line(self.error)), *[""] * (len(COLUMNS) - 3)]
         return [name, "ok", "", self.label, f"{self.confidence:.6f}", *(f"{p:.6f}" for p in self.probs),
                 f"{self.melanoma_score:.6f}", "1" if self.melanoma_flag else "0", str(self.width), str(self.height)]
 

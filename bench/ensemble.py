@@ -1,7 +1,9 @@
 """The teachers' ensemble, scored from the logits `dermtrain eval` saved: each run's log-probabilities at its own
-temperature, averaged; the ensemble's temperature and melanoma threshold (>= 90% sensitivity) fitted on validation.
+temperature, averaged; the ensemble's temperature fitted on validation. Each row's melanoma flag is chosen on
+validation as the product chooses it (`dermtrain.metrics.choose_flag`: its own share of the training log-prior,
+the threshold for >= 90% sensitivity), so the flag figures compare with the shipped models'.
 
-    python bench/ensemble.py runs/lite0-bank runs/lite1-bank [--tta flip] [--out docs/models/experiments/ensemble.md]
+    python bench/ensemble.py runs/lite0-bank runs/lite1-bank --data $DERM_DATA [--tta flip] [--out ensemble.md]
 
 A member may also be a shipped ONNX bundle whose run folder is not on this machine: its logits on the validation
 and test images of --split are computed with ONNX Runtime (the bundle's own preprocessing and temperature).
@@ -20,9 +22,10 @@ import numpy as np
 
 from dermconvert.ensemble import log_probs
 from dermtrain.data import DataError
-from dermtrain.metrics import fit_temperature, softmax, summarize, threshold_for_sensitivity
+from dermtrain.fit import split_log_prior
+from dermtrain.metrics import choose_flag, fit_temperature, summarize
 from engines.bundle import BundleError
-from engines.labels import CLASS_CODES, MEL_INDEX
+from engines.labels import CLASS_CODES
 
 
 def load(run: Path, tta: str) -> tuple[dict, float]:
@@ -49,27 +52,42 @@ def load_onnx(onnx_path: Path, split: Path, data: Path, tta: str) -> tuple[dict,
     return out, eng.bundle.temperature
 
 
+def training_prior(runs: list[Path], data: Path, split: Path) -> np.ndarray:
+    """The log-prior of the training images the members' flags shift towards: those a run folder's config selected
+    (its limit and seed, as `dermtrain eval` takes them), or all of the split's for ONNX bundles alone."""
+    run = next((r for r in runs if r.suffix != ".onnx"), None)
+    cfg = json.loads((run / "config.json").read_text()) if run is not None else {}
+    return split_log_prior(data, split, cfg.get("limit"), cfg.get("seed", 0))
+
+
 def member_name(path: Path) -> str:
     return path.stem if path.suffix == ".onnx" else path.name
 
 
-def row(name: str, s: dict) -> str:
+def row(name: str, s: dict, shift: float) -> str:
     rec = " / ".join(f"{100 * s['per_class'][c]:.1f}" for c in CLASS_CODES)
     t = s["melanoma"]["threshold"]
     return (f"| {name} | {100 * s['accuracy']:.1f}% | {100 * s['balanced_accuracy']:.1f}% | {rec} | "
-            f"{100 * t['recall']:.1f}% / {100 * t['specificity']:.1f}% |")
+            f"{100 * t['recall']:.1f}% / {100 * t['specificity']:.1f}% (shift {shift:g}) |")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run folders (after `dermtrain eval`) or ONNX bundles")
     ap.add_argument("--tta", default="none", choices=("none", "flip"))
-    ap.add_argument("--split", type=Path, default=Path("splits/ham10000_seed0.csv"), help="for ONNX members")
-    ap.add_argument("--data", type=Path, default=os.environ.get("DERM_DATA"), help="for ONNX members")
+    ap.add_argument("--split", type=Path, default=Path("splits/ham10000_seed0.csv"),
+                    help="the runs' split manifest (its training prior; ONNX members' images)")
+    ap.add_argument("--data", type=Path, default=os.environ.get("DERM_DATA"),
+                    help="the dataset folder (default $DERM_DATA): the training prior, ONNX members' images")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args(argv)
-    if any(r.suffix == ".onnx" for r in a.runs) and a.data is None:
-        print("ensemble: error: an ONNX member needs the images: --data or $DERM_DATA", file=sys.stderr)
+    if a.data is None:
+        print("ensemble: error: the melanoma flag needs the training prior: --data or $DERM_DATA", file=sys.stderr)
+        return 2
+    try:
+        log_prior = training_prior(a.runs, a.data, a.split)
+    except (DataError, OSError, ValueError) as e:
+        print(f"ensemble: error: {e}", file=sys.stderr)
         return 2
     loaded = []
     for r in a.runs:
@@ -92,19 +110,20 @@ def main(argv=None) -> int:
             print(f"ensemble: error: {r} was evaluated on other images (split or limit differ)", file=sys.stderr)
             return 2
     lines = ["| model | accuracy | balanced acc | recall akiec / bcc / bkl / df / mel / nv / vasc | "
-             "melanoma recall / specificity at the threshold |", "|---|---|---|---|---|"]
+             "melanoma recall / specificity at the flag (its shift) |", "|---|---|---|---|---|"]
     members = [(member_name(r), d["val_logits"], d["logits"], t) for r, (d, t) in zip(a.runs, loaded)]
     ens_val = np.mean([log_probs(v, t) for _, v, _, t in members], axis=0)
     ens_test = np.mean([log_probs(x, t) for _, _, x, t in members], axis=0)
     members.append(("ensemble of " + " + ".join(member_name(r) for r in a.runs), ens_val, ens_test, None))
     for name, val, test, t in members:
         temperature = fit_temperature(val, val_labels) if t is None else t
-        thr = threshold_for_sensitivity(softmax(val, temperature)[:, MEL_INDEX], val_labels == MEL_INDEX, 0.90)
-        sv, st = summarize(val, val_labels, temperature, thr), summarize(test, labels, temperature, thr)
-        lines.append(row(f"{name}: validation", sv))
-        lines.append(row(f"{name}: **test**", st))
-    text = (f"Test-time views: {a.tta}. Thresholds for >= 90% melanoma sensitivity and temperatures chosen on "
-            f"validation.\n\n" + "\n".join(lines) + "\n")
+        flag = choose_flag(val, val_labels, temperature, log_prior)
+        sv, st = (summarize(x, y, temperature, flag.threshold, flag.offsets)
+                  for x, y in ((val, val_labels), (test, labels)))
+        lines.append(row(f"{name}: validation", sv, flag.shift))
+        lines.append(row(f"{name}: **test**", st, flag.shift))
+    text = (f"Test-time views: {a.tta}. Temperatures and melanoma flags (the share of the training log-prior and "
+            f"the threshold for >= 90% sensitivity) chosen on validation.\n\n" + "\n".join(lines) + "\n")
     print(text)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

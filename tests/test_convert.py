@@ -222,6 +222,24 @@ def test_engine_logits_reproduce_the_evaluated_run_and_infer_calibrates_them(tin
 
 
 
+def test_the_ensemble_bench_chooses_a_members_flag_as_dermtrain_eval_does(tiny_run, data_dir, tmp_path):
+    """bench/ensemble.py reports each member's melanoma flag as the product chooses it: a run on its own gets the
+    shift, threshold and test figures its evaluation recorded."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ensemble_bench", Path(__file__).parents[1] / "bench" / "ensemble.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "ensemble.md"
+    assert bench.main([str(tiny_run), "--data", str(data_dir), "--split", str(tiny_run / "split.csv"),
+                       "--out", str(out)]) == 0
+    cal = json.loads((tiny_run / "calibration.json").read_text())
+    at = json.loads((tiny_run / "metrics.json").read_text())["melanoma"]["threshold"]
+    expected = f"{100 * at['recall']:.1f}% / {100 * at['specificity']:.1f}% (shift {cal['mel_flag_shift']:g}) |"
+    test_row = next(line for line in out.read_text().splitlines() if line.startswith(f"| {tiny_run.name}: **test**"))
+    assert test_row.endswith(expected)
+    assert bench.main([str(tiny_run), "--data", str(tmp_path / "nowhere")]) == 2
+
+
 def _second_member(tiny_onnx: Path, path: Path, size: int = 48, temperature: float = 1.3) -> Path:
     """Another bundle on the tiny run's split: the same trained network at another input size and temperature, so
     the ensemble has to resize inside its graph and weigh its members by their own temperatures."""

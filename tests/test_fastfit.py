@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from dermtrain.augment import (AugmentConfig, apply_dihedral, apply_params, draw_dihedral, draw_mix, draw_params,
+from dermtrain.augment import (AugmentConfig, apply_dihedral, apply_params, draw_batch_mix, draw_cutmix, draw_dihedral, draw_mix, draw_params,
                                to_float_nchw)
 from dermtrain.bank import early_features, make_views, view_params
 from dermtrain.config import ConfigError, load_config, validate, with_overrides
@@ -200,12 +200,40 @@ def test_mix_blends_each_input_with_a_partner_and_keeps_its_own_share_the_larger
     assert np.mean(lams) > np.mean([draw_mix(4, 5.0).lam for _ in range(200)])  # small alpha: mostly one image
 
 
+def test_cutmix_pastes_one_box_from_the_partner_and_its_share_is_the_area_kept():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 12, 10)
+    sizes = set()
+    for _ in range(50):
+        mix = draw_cutmix(8, 1.0, 12, 10)
+        t, left, h, w = mix.box
+        assert 0 <= t and t + h <= 12 and 0 <= left and left + w <= 10
+        assert mix.lam == pytest.approx(1 - h * w / 120) and mix.lam >= 0.5
+        out = mix.apply(x)
+        inside = torch.zeros(12, 10, dtype=torch.bool)
+        inside[t:t + h, left:left + w] = True
+        assert torch.equal(out[:, :, inside], x[mix.partner][:, :, inside])
+        assert torch.equal(out[:, :, ~inside], x[:, :, ~inside])
+        sizes.add(h * w)
+    assert len(sizes) > 5  # the box's size is drawn, not fixed
+
+
+def test_a_batch_is_mixed_up_or_cut_mixed_as_the_recipe_says():
+    torch.manual_seed(0)
+    assert draw_batch_mix(8, 0.0, 0.0, 12, 12) is None
+    assert all(draw_batch_mix(8, 0.2, 0.0, 12, 12).box is None for _ in range(20))
+    assert all(draw_batch_mix(8, 0.0, 1.0, 12, 12).box is not None for _ in range(20))
+    both = [draw_batch_mix(8, 0.2, 1.0, 12, 12).box is None for _ in range(200)]
+    assert 60 < sum(both) < 140  # about half of each
+
+
 def test_a_mixup_run_trains_on_the_teachers_bank_and_repeats_itself(teacher_run, data_dir, split_csv, cache_dir,
                                                                       tmp_path):
-    """Mixup of bank features: no new bank, a different training loss than the unmixed run on the same bank, and
-    the same figures when run again (its draws come from the run's seeds, so a resumed epoch replays them too)."""
+    """Mixup and CutMix of bank features: no new bank, a different training loss than the unmixed run on the same
+    bank, and the same figures when run again (its draws come from the run's seeds, so a resumed epoch replays them
+    too)."""
     banks = sorted(cache_dir.glob("bank-*.npy"))
-    cfg = replace_recipe(bank_config(), mixup=0.4)
+    cfg = replace_recipe(bank_config(), mixup=0.4, cutmix=1.0)
     for name in ("whole", "again"):
         fit(cfg, data_dir, split_csv, tmp_path / name, progress=False)
     assert sorted(cache_dir.glob("bank-*.npy")) == banks
@@ -214,15 +242,19 @@ def test_a_mixup_run_trains_on_the_teachers_bank_and_repeats_itself(teacher_run,
     assert all(np.isfinite(h["train_loss"]) for h in whole)
     assert [h["train_loss"] for h in again] == pytest.approx([h["train_loss"] for h in whole], abs=1e-6)
     assert whole[0]["train_loss"] != pytest.approx(plain[0]["train_loss"], abs=1e-6)
-    assert json.loads((tmp_path / "whole" / "config.json").read_text())["recipe"]["mixup"] == 0.4
+    recipe = json.loads((tmp_path / "whole" / "config.json").read_text())["recipe"]
+    assert (recipe["mixup"], recipe["cutmix"]) == (0.4, 1.0)
 
 
-def test_mixup_needs_an_alpha_of_at_least_0_and_no_hint():
-    with pytest.raises(ConfigError, match="mixup"):
-        replace_recipe(load_config("lite0-fast"), mixup=-0.1)
+@pytest.mark.parametrize("name", ["mixup", "cutmix"])
+def test_mixing_needs_an_alpha_of_at_least_0_and_no_hint(name):
+    with pytest.raises(ConfigError, match=name):
+        replace_recipe(load_config("lite0-fast"), **{name: -0.1})
+    with pytest.raises(ConfigError, match=name):
+        replace_recipe(load_config("lite0-fast"), **{name: float("nan")})
     student = load_config("convnext-hint")
-    with pytest.raises(ConfigError, match="mixup"):
-        replace_recipe(student, mixup=0.2)
+    with pytest.raises(ConfigError, match=name):
+        replace_recipe(student, **{name: 0.2})
 
 
 def test_distilled_student(teacher_run, data_dir, split_csv, tmp_path, cache_dir):

@@ -121,20 +121,58 @@ def apply_dihedral(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Mix:
-    """Mixup of a batch with a permutation of itself: input i becomes lam * x[i] + (1 - lam) * x[partner[i]], and
-    its loss the same blend of the two images' losses. lam >= 0.5, so each input's own label stays the larger."""
+    """A batch mixed with a permutation of itself, and its loss the same blend of the two images' losses.
+
+    Mixup (box None): input i becomes lam * x[i] + (1 - lam) * x[partner[i]].
+    CutMix (box = top, left, height, width): the box of input i is replaced by the same box of x[partner[i]], and
+    lam is the share of the area left to x[i].
+    lam >= 0.5 either way, so each input's own label stays the larger."""
     partner: torch.Tensor
     lam: float
+    box: tuple[int, int, int, int] | None = None
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.lam + x[self.partner] * (1 - self.lam)
+        if self.box is None:
+            return x * self.lam + x[self.partner] * (1 - self.lam)
+        t, left, h, w = self.box
+        out = x.clone()
+        out[:, :, t:t + h, left:left + w] = x[self.partner, :, t:t + h, left:left + w]
+        return out
+
+
+def _own_share(alpha: float) -> float:
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    return max(lam, 1 - lam)
 
 
 def draw_mix(n: int, alpha: float) -> Mix:
     """One mixing weight per batch from Beta(alpha, alpha) and a random pairing, from torch's global generator. It
     mixes images and feature maps alike: on a bank, the frozen stages' outputs of two views."""
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    return Mix(torch.randperm(n), max(lam, 1 - lam))
+    lam = _own_share(alpha)  # drawn before the pairing: the order of draws is part of a run's reproducibility
+    return Mix(torch.randperm(n), lam)
+
+
+def draw_cutmix(n: int, alpha: float, height: int, width: int) -> Mix:
+    """CutMix: a box of about (1 - lam) of the area, lam from Beta(alpha, alpha), placed uniformly inside the map,
+    and lam then set to the area actually kept. On a bank it pastes a region of another view's feature map."""
+    lam = _own_share(alpha)
+    h = min(height, round(height * math.sqrt(1 - lam)))
+    w = min(width, round(width * math.sqrt(1 - lam)))
+    t = int(torch.randint(height - h + 1, ()))
+    left = int(torch.randint(width - w + 1, ()))
+    return Mix(torch.randperm(n), 1 - h * w / (height * width), (t, left, h, w))
+
+
+def draw_batch_mix(n: int, mixup: float, cutmix: float, height: int, width: int) -> Mix | None:
+    """The recipe's mixing for one batch: mixup, CutMix, or (both alphas > 0) either with probability 1/2, as in
+    timm's Mixup; None when both are off."""
+    if mixup and cutmix:
+        use_cutmix = bool(torch.rand(()) < 0.5)
+    elif mixup or cutmix:
+        use_cutmix = bool(cutmix)
+    else:
+        return None
+    return draw_cutmix(n, cutmix, height, width) if use_cutmix else draw_mix(n, mixup)
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

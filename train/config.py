@@ -54,6 +54,7 @@ class Recipe:
     prior_grid: tuple[float, ...] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.75, 1.0)
     dihedral: bool = False  # freeze_at 0 only: each step also flips / transposes its views at random
     mixup: float = 0.0  # Beta(alpha, alpha) mixup of each batch's inputs (bank features or views); 0: none
+    cutmix: float = 0.0  # Beta(alpha, alpha) CutMix of each batch's inputs; with mixup too, either per batch; 0: none
     holdout: tuple[int, int] | None = None  # (fold, folds): train without that lesion fold (`dermtrain.folds`)
     distill: DistillConfig | None = None
     # The run's own draws (initial weights, sampling order, each step's view, drop-path); None: the config's `seed`.
@@ -150,10 +151,13 @@ def validate_recipe(r: Recipe) -> None:
         raise ConfigError("recipe.distill needs at least one teacher run folder")
     if r.distill is not None and (r.distill.hint < 0 or r.distill.hint_at < 1):
         raise ConfigError("recipe.distill needs hint >= 0 and hint_at >= 1")
-    if r.mixup < 0:
-        raise ConfigError(f"recipe.mixup is a Beta distribution's alpha: 0 (off) or more, not {r.mixup}")
-    if r.mixup and r.distill is not None and r.distill.hint:
-        raise ConfigError("recipe.mixup and recipe.distill.hint do not combine: a mixed input has no teacher features")
+    for name in ("mixup", "cutmix"):
+        alpha = getattr(r, name)
+        if not alpha >= 0:
+            raise ConfigError(f"recipe.{name} is a Beta distribution's alpha: 0 (off) or more, not {alpha}")
+        if alpha and r.distill is not None and r.distill.hint:
+            raise ConfigError(f"recipe.{name} and recipe.distill.hint do not combine: a mixed input has no teacher "
+                              "features")
     if r.distill is not None and r.distill.hint and r.freeze_at:
         raise ConfigError("recipe.distill.hint is for end-to-end students (freeze_at 0): a bank's stages are frozen")
 

@@ -6,7 +6,8 @@
   soft targets for each view (`dermtrain.distill`) beside the labels, and with `distill.hint` the first teacher's
   bank features too (`dermtrain.hints`); with `dihedral` each step also mirrors or transposes its views at random,
   against the same targets (the hint's feature maps turn with them). With `mixup` each batch is blended with a
-  permutation of itself (images or bank features), and its loss with the same weights.
+  permutation of itself (images or bank features), and its loss with the same weights; with `cutmix` a box of
+  each input is pasted from its partner instead (half the batches each when both are set).
 Both use a one-cycle or cosine schedule with warm-up, an EMA of the weights (BatchNorm buffers included), label
 smoothing and a class-balanced loss. `best.pt` holds the EMA weights with `prior_shift` x log-prior folded into
 the classifier bias, the shift chosen on validation: the ONNX export and every runtime then run those logits.
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dermtrain.augment import AugmentParams, apply_dihedral, draw_dihedral, draw_mix
+from dermtrain.augment import AugmentParams, apply_dihedral, draw_batch_mix, draw_dihedral
 from dermtrain.bank import Images, bank_for, early_features, make_views, view_params
 from dermtrain.cache import build_cache, labels_of
 from dermtrain.config import Recipe, TrainConfig
@@ -279,7 +280,7 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
             bits = draw_dihedral(len(idx)) if r.dihedral else None
             if bits is not None:
                 x = apply_dihedral(x, bits.to(x.device))
-            mix = draw_mix(len(idx), r.mixup) if r.mixup else None
+            mix = draw_batch_mix(len(idx), r.mixup, r.cutmix, *x.shape[2:])
             if mix is not None:
                 x = mix.apply(x)
             with amp:

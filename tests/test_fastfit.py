@@ -249,8 +249,7 @@ def test_a_mixup_run_trains_on_the_teachers_bank_and_repeats_itself(teacher_run,
 def test_a_run_continues_end_to_end_from_a_runs_checkpoint(teacher_run, data_dir, split_csv, cache_dir, tmp_path):
     """init = a run's best.pt loads all of it, head included, with the prior shift folded into the bias taken out
     (here a shift of 0.5 folded into a copy), and a freeze_at 0 recipe fine-tunes the whole network from there."""
-    from dermtrain.fastfit import classifier_bias_key
-    from dermtrain.models import create_model
+    from dermtrain.models import classifier_bias_key, create_model
     ckpt = torch.load(teacher_run / "best.pt", map_location="cpu", weights_only=True)
     deployed = create_model("tf_efficientnet_lite0").eval()
     deployed.load_state_dict(ckpt["model"])
@@ -532,8 +531,7 @@ def test_a_soup_averages_unshifted_weights_refreshes_batchnorm_chooses_its_shift
         teacher_run, tiny_run, data_dir, split_csv, cache_dir, tmp_path, capsys):
     from dermtrain.cli import main
     from dermtrain.evaluate import evaluate
-    from dermtrain.fastfit import classifier_bias_key
-    from dermtrain.models import create_model
+    from dermtrain.models import classifier_bias_key, create_model
 
     seed1 = tmp_path / "seed1"
     fit(replace_recipe(bank_config(), train_seed=1), data_dir, split_csv, seed1, progress=False)

@@ -39,7 +39,7 @@ from dermtrain.fit import (RunFiles, ResumeError, amp_context, code_version, loa
 from dermtrain.folds import fitted_indices
 from dermtrain.losses import FocalLoss
 from dermtrain.metrics import summarize
-from dermtrain.models import create_model
+from dermtrain.models import classifier_bias_key, create_model, train_mode
 from dermtrain.plots import training_curves_png
 from dermtrain.splits import manifest_sha256, read_manifest, select
 from dermtrain.stages import Cut
@@ -72,12 +72,6 @@ class Ema:
                 self.state[k].mul_(d).add_(v.detach(), alpha=1 - d)
             else:
                 self.state[k].copy_(v)
-
-
-def classifier_bias_key(model: nn.Module) -> str:
-    clf = model.get_classifier()
-    name = next(n for n, m in model.named_modules() if m is clf)
-    return f"{name}.bias"
 
 
 def make_schedule(opt, r: Recipe, total_steps: int):
@@ -268,11 +262,7 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
         view = torch.randint(r.views, (n,), generator=g).numpy()
         torch.manual_seed(seed * 1_000 + epoch)  # dropout / drop-path draws replay on resume
         for m in inputs.trainable:
-            m.train()
-            if r.bn_eval:
-                for bn in m.modules():
-                    if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-                        bn.eval()
+            train_mode(m, keep_bn_stats=r.bn_eval)
         t0 = time.perf_counter()
         loss_sum = hint_sum = correct = seen = 0.0
         bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{r.epochs}", unit="batch", disable=not progress,

@@ -104,15 +104,20 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return {k.removeprefix("module."): v for k, v in sd.items()}, raw
 
 
-def _trained_head(sd: dict[str, torch.Tensor], ckpt: dict, head_prefixes: set[str]) -> dict[str, torch.Tensor]:
-    """A DermEdge checkpoint's classifier, with the prior shift its training folded into the bias taken out again:
-    the loss a run trains with expects the classifier's own logits."""
-    head = {k: v for k, v in sd.items() if any(k.startswith(h) for h in head_prefixes)}
-    shift, log_prior = float(ckpt.get("prior_shift") or 0.0), ckpt.get("log_prior")
-    bias = next((k for k in head if k.endswith(".bias")), None)
-    if shift and log_prior is not None and bias is not None:
-        head[bias] = head[bias] - shift * torch.as_tensor(log_prior, dtype=head[bias].dtype)
-    return head
+def classifier_bias_key(model: nn.Module) -> str:
+    clf = model.get_classifier()
+    name = next(n for n, m in model.named_modules() if m is clf)
+    return f"{name}.bias"
+
+
+def without_prior_shift(state: dict, bias_key: str) -> dict[str, torch.Tensor]:
+    """A fast-path checkpoint's weights (`state["model"]`, copied) with the prior shift its training folded into the
+    classifier bias taken out again: the classifier's own logits, which its training loss expects."""
+    weights = {k: v.clone() for k, v in state["model"].items()}
+    shift = float(state.get("prior_shift") or 0.0)
+    if shift and state.get("log_prior") is not None and bias_key in weights:
+        weights[bias_key] -= shift * torch.as_tensor(state["log_prior"], dtype=weights[bias_key].dtype)
+    return weights
 
 
 def load_init(model: nn.Module, init: str) -> dict[str, int]:
@@ -132,7 +137,8 @@ def load_init(model: nn.Module, init: str) -> dict[str, int]:
         raise InitError(f"{init}: no tensor matches the model (wrong architecture?)")
     head = {}
     if isinstance(ckpt, dict) and ckpt.get("classes") == list(CLASS_CODES):
-        head = _trained_head(fits, ckpt, head_prefixes)
+        weights = without_prior_shift({**ckpt, "model": fits}, classifier_bias_key(model))
+        head = {k: v for k, v in weights.items() if any(k.startswith(h) for h in head_prefixes)}
     missing = [k for k in own if k not in usable and not any(k.startswith(h) for h in head_prefixes)]
     model.load_state_dict({**usable, **head}, strict=False)
     if len(missing) > 0.05 * len(own):
@@ -182,11 +188,12 @@ def set_trainable(model: nn.Module, trainable: str) -> int:
     return sum(1 for p in model.parameters() if p.requires_grad)
 
 
-def train_mode(model: nn.Module) -> None:
-    """model.train(), but normalisation layers whose weights are frozen keep their running statistics."""
+def train_mode(model: nn.Module, keep_bn_stats: bool = False) -> None:
+    """model.train(), but normalisation layers whose weights are frozen keep their running statistics; with
+    `keep_bn_stats` every BatchNorm does (its scale and shift still train)."""
     model.train()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             params = list(m.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if keep_bn_stats or (params and not any(p.requires_grad for p in params)):
                 m.eval()

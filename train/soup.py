@@ -25,9 +25,9 @@ from dermtrain.cache import build_cache
 from dermtrain.config import from_dict
 from dermtrain.data import load_records
 from dermtrain.evaluate import EvalError, load_checkpoint, tta_logits
-from dermtrain.fastfit import choose_prior_shift, classifier_bias_key, prior_grid
+from dermtrain.fastfit import choose_prior_shift, prior_grid
 from dermtrain.fit import RunFiles, save_checkpoint, write_run_files
-from dermtrain.models import create_model
+from dermtrain.models import classifier_bias_key, create_model, without_prior_shift
 from dermtrain.splits import manifest_sha256, read_manifest, select
 from dermtrain.stages import Cut
 from engines.preprocess import PreprocessSpec, normalize
@@ -65,12 +65,6 @@ def _signature(ing: Ingredient) -> dict:
     return {"model": cfg["model"], "img_size": cfg["img_size"], "init": cfg.get("init"),
             "freeze_at": (cfg.get("recipe") or {}).get("freeze_at"), "split_sha256": ing.state["split_sha256"],
             "log_prior": [round(v, 6) for v in ing.state["log_prior"]], "classes": ing.state["classes"]}
-
-
-def _unshifted(ing: Ingredient, bias_key: str) -> dict[str, torch.Tensor]:
-    weights = {k: v.clone() for k, v in ing.state["model"].items()}
-    weights[bias_key] -= float(ing.state["prior_shift"]) * torch.tensor(ing.state["log_prior"], dtype=torch.float32)
-    return weights
 
 
 def training_time(run_dir: Path) -> dict:
@@ -162,7 +156,7 @@ def make_soup(run_dirs: list[Path], data_dir: Path, out: Path, greedy: bool = Fa
     def taste(members: list[Ingredient]) -> tuple[float, dict, dict]:
         """(prior shift, validation summary, unshifted weights) of the soup of `members`."""
         nonlocal refresh_x
-        weights = [_unshifted(i, bias_key) for i in members]
+        weights = [without_prior_shift(i.state, bias_key) for i in members]
         model.load_state_dict(average(weights))
         if not all(torch.equal(w[k], weights[0][k]) for w in weights[1:] for k in w):
             if refresh_x is None:

@@ -1,7 +1,9 @@
 """The teachers' ensemble, scored from the logits `dermtrain eval` saved: each run's log-probabilities at its own
 temperature, averaged; the ensemble's temperature fitted on validation. Each row's melanoma flag is chosen on
 validation as the product chooses it (`dermtrain.metrics.choose_flag`: its own share of the training log-prior,
-the threshold for >= 90% sensitivity), so the flag figures compare with the shipped models'.
+the threshold for >= 90% sensitivity), so the flag figures compare with the shipped models'. With test-time views
+(`--tta flip`) the temperature and the flag's shift stay those chosen on the plain logits, and only the threshold is
+chosen again on the views' validation logits, as `dermtrain eval --tta` does.
 
     python bench/ensemble.py runs/lite0-bank runs/lite1-bank --data $DERM_DATA [--tta flip] [--out ensemble.md]
 
@@ -23,7 +25,7 @@ import numpy as np
 from dermconvert.ensemble import log_probs
 from dermtrain.data import DataError
 from dermtrain.fit import split_log_prior
-from dermtrain.metrics import choose_flag, fit_temperature, summarize
+from dermtrain.metrics import FlagChoice, choose_flag, fit_temperature, flag_threshold, summarize
 from engines.bundle import BundleError
 from engines.labels import CLASS_CODES
 
@@ -89,35 +91,39 @@ def main(argv=None) -> int:
     except (DataError, OSError, ValueError) as e:
         print(f"ensemble: error: {e}", file=sys.stderr)
         return 2
-    loaded = []
-    for r in a.runs:
+    views = ("none",) if a.tta == "none" else ("none", a.tta)
+    loaded = {tta: [] for tta in views}
+    for r, tta in ((r, tta) for r in a.runs for tta in views):
         try:
-            loaded.append(load_onnx(r, a.split, a.data, a.tta) if r.suffix == ".onnx" else load(r, a.tta))
+            loaded[tta].append(load_onnx(r, a.split, a.data, tta) if r.suffix == ".onnx" else load(r, tta))
         except (BundleError, DataError) as e:  # their messages name the file already
             print(f"ensemble: error: {e}", file=sys.stderr)
             return 2
         except OSError as e:
             hint = ("" if r.suffix == ".onnx" else f" (a run folder needs `dermtrain eval RUN --split-name test"
-                                                   f"{'' if a.tta == 'none' else ' --tta ' + a.tta}` first)")
+                                                   f"{'' if tta == 'none' else ' --tta ' + tta}` first)")
             print(f"ensemble: error: {e.filename or r}: {e.strerror or e}{hint}", file=sys.stderr)
             return 2
         except (KeyError, ValueError) as e:
             print(f"ensemble: error: {r}: unreadable logits or calibration ({e})", file=sys.stderr)
             return 2
-    labels, val_labels = loaded[0][0]["labels"], loaded[0][0]["val_labels"]
-    for r, (d, _) in zip(a.runs, loaded):
+    labels, val_labels = loaded["none"][0][0]["labels"], loaded["none"][0][0]["val_labels"]
+    for r, (d, _) in ((r, m) for tta in views for r, m in zip(a.runs, loaded[tta])):
         if not (np.array_equal(d["labels"], labels) and np.array_equal(d["val_labels"], val_labels)):
             print(f"ensemble: error: {r} was evaluated on other images (split or limit differ)", file=sys.stderr)
             return 2
     lines = ["| model | accuracy | balanced acc | recall akiec / bcc / bkl / df / mel / nv / vasc | "
              "melanoma recall / specificity at the flag (its shift) |", "|---|---|---|---|---|"]
-    members = [(member_name(r), d["val_logits"], d["logits"], t) for r, (d, t) in zip(a.runs, loaded)]
-    ens_val = np.mean([log_probs(v, t) for _, v, _, t in members], axis=0)
-    ens_test = np.mean([log_probs(x, t) for _, _, x, t in members], axis=0)
-    members.append(("ensemble of " + " + ".join(member_name(r) for r in a.runs), ens_val, ens_test, None))
-    for name, val, test, t in members:
-        temperature = fit_temperature(val, val_labels) if t is None else t
-        flag = choose_flag(val, val_labels, temperature, log_prior)
+    plain = [(d["val_logits"], t) for d, t in loaded["none"]]
+    viewed = [(d["val_logits"], d["logits"]) for d, _ in loaded[a.tta]]
+    members = [(member_name(r), pv, vv, vt, t) for r, (pv, t), (vv, vt) in zip(a.runs, plain, viewed)]
+    members.append(("ensemble of " + " + ".join(member_name(r) for r in a.runs),
+                    *(np.mean([log_probs(m[k], m[4]) for m in members], axis=0) for k in (1, 2, 3)), None))
+    for name, plain_val, val, test, t in members:
+        temperature = fit_temperature(plain_val, val_labels) if t is None else t
+        flag = choose_flag(plain_val, val_labels, temperature, log_prior)
+        if a.tta != "none":
+            flag = FlagChoice(flag.shift, flag.offsets, flag_threshold(val, val_labels, temperature, flag.offsets), ())
         sv, st = (summarize(x, y, temperature, flag.threshold, flag.offsets)
                   for x, y in ((val, val_labels), (test, labels)))
         lines.append(row(f"{name}: validation", sv, flag.shift))

@@ -224,19 +224,26 @@ def test_engine_logits_reproduce_the_evaluated_run_and_infer_calibrates_them(tin
 
 def test_the_ensemble_bench_chooses_a_members_flag_as_dermtrain_eval_does(tiny_run, data_dir, tmp_path):
     """bench/ensemble.py reports each member's melanoma flag as the product chooses it: a run on its own gets the
-    shift, threshold and test figures its evaluation recorded."""
+    shift, threshold and test figures its evaluation recorded, with test-time flips too (the plain shift kept, the
+    threshold chosen again on the flipped logits)."""
     import importlib.util
+    import shutil
+    from dermtrain.evaluate import evaluate
     spec = importlib.util.spec_from_file_location("ensemble_bench", Path(__file__).parents[1] / "bench" / "ensemble.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = tmp_path / "ensemble.md"
-    assert bench.main([str(tiny_run), "--data", str(data_dir), "--split", str(tiny_run / "split.csv"),
-                       "--out", str(out)]) == 0
-    cal = json.loads((tiny_run / "calibration.json").read_text())
-    at = json.loads((tiny_run / "metrics.json").read_text())["melanoma"]["threshold"]
-    expected = f"{100 * at['recall']:.1f}% / {100 * at['specificity']:.1f}% (shift {cal['mel_flag_shift']:g}) |"
-    test_row = next(line for line in out.read_text().splitlines() if line.startswith(f"| {tiny_run.name}: **test**"))
-    assert test_row.endswith(expected)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    evaluate(run, data_dir, "test", tta="flip", progress=False)
+    cal = json.loads((run / "calibration.json").read_text())
+    for tta, tag in (("none", ""), ("flip", "_flip")):
+        out = tmp_path / f"ensemble{tag}.md"
+        assert bench.main([str(run), "--data", str(data_dir), "--split", str(run / "split.csv"), "--tta", tta,
+                           "--out", str(out)]) == 0
+        at = json.loads((run / f"metrics{tag}.json").read_text())["melanoma"]["threshold"]
+        expected = f"{100 * at['recall']:.1f}% / {100 * at['specificity']:.1f}% (shift {cal['mel_flag_shift']:g}) |"
+        test_row = next(line for line in out.read_text().splitlines() if line.startswith(f"| {run.name}: **test**"))
+        assert test_row.endswith(expected), (tta, test_row, expected)
     assert bench.main([str(tiny_run), "--data", str(tmp_path / "nowhere")]) == 2
 
 

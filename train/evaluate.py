@@ -12,12 +12,13 @@ import torch
 from dermtrain.cache import build_cache
 from dermtrain.config import from_dict
 from dermtrain.data import load_records
-from dermtrain.fit import RunFiles, predict_logits, split_log_prior, training_curves_png
+from dermtrain.fit import RunFiles, predict_logits, train_log_prior, training_curves_png
 from dermtrain.metrics import (FlagChoice, choose_flag, expected_calibration_error, fit_temperature, flag_threshold,
                                softmax, summarize)
 from dermtrain.models import create_model
 from dermtrain.plots import confusion_matrix_png
 from dermtrain.splits import manifest_sha256, read_manifest, select
+from dermtrain.torchfile import CheckpointError, read_torch_file
 from engines.fsutil import atomic_path, write_json, write_text
 from engines.labels import class_name
 from engines.preprocess import PreprocessSpec, flip_views
@@ -32,7 +33,13 @@ def load_checkpoint(run_dir: Path, which: str = "best") -> dict:
     path = Path(run_dir) / f"{which}.pt"
     if not path.is_file():
         raise EvalError(f"{path}: checkpoint not found (has the run finished an epoch?)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = read_torch_file(path, weights_only=False)
+    except CheckpointError as e:
+        raise EvalError(str(e)) from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "config" not in state:
+        raise EvalError(f"{path}: not a dermtrain checkpoint (no model weights and config in it)")
+    return state
 
 
 def load_run_model(run_dir: Path, which: str = "best"):
@@ -83,7 +90,7 @@ def evaluate(run_dir: Path, data_dir: Path, split_name: str = "test", target_sen
         flag = FlagChoice(float(cal.get("mel_flag_shift", 0.0)), offsets, threshold, ())
     else:
         temperature = fit_temperature(val_logits, val_y)
-        log_prior = split_log_prior(data_dir, run.split, lim, cfg.seed)
+        log_prior = train_log_prior(rows, records, lim, cfg.seed)
         flag = choose_flag(val_logits, val_y, temperature, log_prior, target_sensitivity)
     scores = Scores(val_logits, val_y, logits, y)
     metrics = clinical_metrics(scores, temperature, flag, target_sensitivity,

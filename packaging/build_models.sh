@@ -43,7 +43,8 @@
 #  --train-seed 1` (64.6%) and `.../lite0_mixup_ft_bn/config.json` (71.8%, from 73.5%).
 # The mixup teacher Lite1 @240, `fit lite1-mixup-s1 lite1-mixup --train-seed 1` (75.4%, 73.5% over 4-9; 11.1 ms, over
 # the default's 10 ms), with the default: `python bench/ensemble.py runs/lite0-mixup-s1 runs/lite1-mixup-s1` (75.8%;
-# docs/models/experiments/teachers_mixup.md). At 192 px: `fit lite1-mixup192-s1 lite1-mixup --img-size 192 --train-seed 1`.
+# docs/models/experiments/teachers_mixup.md). At 192 px (8.0 ms, 71.4% over 4-9: rejected):
+#  `fit lite1-mixup192-s1 lite1-mixup --img-size 192 --train-seed 1`.
 # The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
 # (INT8 fails its gate for both: docs/int8.md).
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]

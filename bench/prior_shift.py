@@ -27,17 +27,17 @@ class ShiftError(Exception):
 
 
 def from_run(run: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    from dermtrain.torchfile import CheckpointError, read_torch_file
+    from dermtrain.torchfile import CheckpointError, read_run_checkpoint
     logits_file, best = run / "logits_test.npz", run / "best.pt"
     for f, hint in ((logits_file, f"run `dermtrain eval {run}` first"), (best, "has the run finished an epoch?")):
         if not f.is_file():
             raise ShiftError(f"{f}: not found ({hint})")
     d = np.load(logits_file)
     try:
-        state = read_torch_file(best, weights_only=False)
+        state = read_run_checkpoint(best)
     except CheckpointError as e:
         raise ShiftError(str(e)) from None
-    if not isinstance(state, dict) or "log_prior" not in state:
+    if "log_prior" not in state:
         raise ShiftError(f"{best}: not a recipe run (no log_prior in the checkpoint)")
     return (d["val_logits"], d["val_labels"], np.asarray(state["log_prior"], np.float32),
             f"prior shift {state['prior_shift']:g} folded into best.pt")

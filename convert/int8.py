@@ -93,13 +93,17 @@ def _channel_axes(ndim: int) -> tuple[int, ...]:
     return (0, *range(2, ndim))
 
 
-def _references(fsess, names: list[str], ranges: list[tuple[float, float]], x: np.ndarray,
-                batch: int = 32) -> list[_Reference]:
+def _references(fmodel, convs: list, x: np.ndarray, batch: int = 32) -> list[_Reference]:
+    """The FP32 reference of each of `convs` (from _biased_convs) on `x`, in one pass of the FP32 model."""
+    if not convs:
+        return []
+    names = [fname for _, _, fname, _ in convs]
+    fsess = probe_session(fmodel, names)
     inp = fsess.get_inputs()[0].name
     sums, counts, masks = [0.0] * len(names), [0.0] * len(names), [[] for _ in names]
     for i in range(0, len(x), batch):
         outs = fsess.run(names, {inp: np.ascontiguousarray(x[i:i + batch], np.float32)})
-        for k, (f, (lo, hi)) in enumerate(zip(outs, ranges)):
+        for k, (f, (_, _, _, (lo, hi))) in enumerate(zip(outs, convs)):
             f = f.astype(np.float64)
             keep = (f > lo) & (f < hi)
             axes = _channel_axes(f.ndim)
@@ -138,28 +142,22 @@ def _biased_convs(qmodel, fmodel) -> list[tuple[object, object, str, tuple[float
     return convs
 
 
-def output_shift(qmodel, fmodel, x: np.ndarray) -> float:
-    """Mean over the bias-carrying convolutions of their mean absolute per-channel output shift from FP32 on `x`:
-    what bias correction removes (see the module docstring), measured with every layer as it stands."""
-    convs = _biased_convs(qmodel, fmodel)
+def output_shift(qmodel, convs: list, refs: list[_Reference], x: np.ndarray) -> float:
+    """Mean over the bias-carrying convolutions `convs` of their mean absolute per-channel output shift from their
+    FP32 references on `x`: what bias correction removes (see the module docstring), with every layer as it stands."""
     if not convs:
         return 0.0
-    refs = _references(probe_session(fmodel, [f for _, _, f, _ in convs]), [f for _, _, f, _ in convs],
-                       [rng for *_, rng in convs], x)
     qnames = [node.output[0] for node, *_ in convs]
     shifts = _mean_errors(probe_session(qmodel, qnames), qnames, refs, x)
     return float(np.mean([np.abs(s).mean() for s in shifts]))
 
 
-def correct_biases(qmodel, fmodel, x: np.ndarray, log=print) -> int:
-    """Empirical bias correction of every Conv with a quantized bias, one at a time in graph order (see the
-    module docstring); `qmodel` is changed in place."""
+def correct_biases(qmodel, convs: list, refs: list[_Reference], x: np.ndarray, log=print) -> int:
+    """Empirical bias correction of each of `convs`, one at a time in graph order, towards its FP32 reference on `x`
+    (see the module docstring); `qmodel` is changed in place."""
     from onnx import numpy_helper
 
     inits = {t.name: t for t in qmodel.graph.initializer}
-    convs = _biased_convs(qmodel, fmodel)
-    fnames = [fname for _, _, fname, _ in convs]
-    refs = _references(probe_session(fmodel, fnames), fnames, [rng for *_, rng in convs], x)
     biases = {dq.input[0]: numpy_helper.to_array(inits[dq.input[0]]) for _, dq, _, _ in convs}
     qsess = probe_session(_with_inputs(qmodel, biases), [node.output[0] for node, *_ in convs])
     for (node, dq, _, _), ref in tqdm(list(zip(convs, refs)), desc="bias correction", unit="conv", leave=False):
@@ -221,9 +219,11 @@ def quantize_int8(src: Path, dst: Path, calib: np.ndarray, bundle: ModelBundle, 
     except Exception as e:  # noqa: BLE001 - the quantizer raises many types on a graph it cannot handle
         raise ConvertError(f"{src}: INT8 quantization failed ({one_line(e)})") from None
     x = calib[:CORRECTION_IMAGES]
-    before = output_shift(qmodel, fmodel, x)
-    corrected = correct_biases(qmodel, fmodel, x, log)
-    after = output_shift(qmodel, fmodel, x)
+    convs = _biased_convs(qmodel, fmodel)
+    refs = _references(fmodel, convs, x)
+    before = output_shift(qmodel, convs, refs, x)
+    corrected = correct_biases(qmodel, convs, refs, x, log)
+    after = output_shift(qmodel, convs, refs, x)
     log(f"mean |output shift| per convolution: {before:.2e} before bias correction, {after:.2e} after")
     out_bundle = ModelBundle(**{**bundle.__dict__, "precision": "int8"})
     set_metadata(qmodel, out_bundle)

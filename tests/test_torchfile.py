@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dermtrain.models import InitError, _read_checkpoint
-from dermtrain.torchfile import CheckpointError, read_torch_file
+from dermtrain.torchfile import CheckpointError, read_run_checkpoint, read_torch_file
 
 
 def _bad_files(tmp_path):
@@ -35,6 +35,15 @@ def test_each_unreadable_file_gets_its_reason(tmp_path, weights_only):
         read_torch_file(tmp_path / "missing.pt", weights_only=weights_only)
 
 
+def test_a_run_checkpoint_needs_its_weights_and_config(tmp_path):
+    good, _ = _bad_files(tmp_path)
+    assert set(read_run_checkpoint(good)) == {"model", "config"}
+    plain = tmp_path / "state_dict.pt"
+    torch.save(OrderedDict(w=torch.ones(2)), plain)
+    with pytest.raises(CheckpointError, match="not a dermtrain checkpoint"):
+        read_run_checkpoint(plain)
+
+
 def test_python_objects_are_refused_by_name_for_outside_weights(tmp_path):
     path = tmp_path / "pickled.pt"
     torch.save({"model": {"w": torch.zeros(2)}, "note": object()}, path)
@@ -58,9 +67,9 @@ def test_init_and_eval_say_it_in_one_line(tmp_path, data_dir, split_csv):
     (run / "best.pt").write_bytes(bad["half.pt"].read_bytes())
     commands = {  # what -> (arguments, the file the error must name)
         "eval": (["eval", str(run), "--data", str(data_dir), "--split", str(split_csv)], run / "best.pt"),
-        "fit --init": ( ["fit", "--config", "cpu", "--model", "test_convnext", "--img-size", "64", "--limit", "32",
-                       "--init", str(bad["notes.pt"]), "--data", str(data_dir), "--split", str(split_csv),
-                       "--out", str(tmp_path / "out"), "--quiet"], bad["notes.pt"]),
+        "fit --init": (["fit", "--config", "cpu", "--model", "test_convnext", "--img-size", "64", "--limit", "32",
+                      "--init", str(bad["notes.pt"]), "--data", str(data_dir), "--split", str(split_csv),
+                      "--out", str(tmp_path / "out"), "--quiet"], bad["notes.pt"]),
     }
     for what, (args, named) in commands.items():
         r = subprocess.run([sys.executable, "-m", "dermtrain.cli", *args], capture_output=True, text=True, timeout=300)

@@ -18,7 +18,7 @@ from dermtrain.metrics import (FlagChoice, choose_flag, expected_calibration_err
 from dermtrain.models import create_model
 from dermtrain.plots import confusion_matrix_png
 from dermtrain.splits import manifest_sha256, read_manifest, select
-from dermtrain.torchfile import CheckpointError, read_torch_file
+from dermtrain.torchfile import CheckpointError, read_run_checkpoint
 from engines.fsutil import atomic_path, write_json, write_text
 from engines.labels import class_name
 from engines.preprocess import PreprocessSpec, flip_views
@@ -34,12 +34,9 @@ def load_checkpoint(run_dir: Path, which: str = "best") -> dict:
     if not path.is_file():
         raise EvalError(f"{path}: checkpoint not found (has the run finished an epoch?)")
     try:
-        state = read_torch_file(path, weights_only=False)
+        return read_run_checkpoint(path)
     except CheckpointError as e:
         raise EvalError(str(e)) from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "config" not in state:
-        raise EvalError(f"{path}: not a dermtrain checkpoint (no model weights and config in it)")
-    return state
 
 
 def load_run_model(run_dir: Path, which: str = "best"):

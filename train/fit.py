@@ -27,7 +27,7 @@ from dermtrain.models import create_model, default_norm, set_trainable, train_mo
 from dermtrain.plots import training_curves_png
 from dermtrain.precision import bf16_is_fast
 from dermtrain.splits import manifest_sha256, read_manifest, select
-from dermtrain.torchfile import CheckpointError, read_torch_file
+from dermtrain.torchfile import CheckpointError, read_run_checkpoint
 from engines.fsutil import atomic_path, write_json
 from engines.labels import CLASS_CODES
 from engines.preprocess import PreprocessSpec, normalize
@@ -311,11 +311,9 @@ def load_resume(run: RunFiles, cfg: TrainConfig, split_hash: str) -> dict:
     if not run.last.is_file():
         raise ResumeError(f"{run.root}: nothing to resume (no last.pt)")
     try:
-        state = read_torch_file(run.last, weights_only=False)
+        state = read_run_checkpoint(run.last)
     except CheckpointError as e:
         raise ResumeError(f"{e}: cannot resume from it") from None
-    if not isinstance(state, dict) or "config" not in state:
-        raise ResumeError(f"{run.last}: not a dermtrain checkpoint (no config in it)")
     if state.get("split_sha256") != split_hash:
         raise ResumeError(f"{run.last}: was trained on another split manifest (sha256 differs)")
     saved = json.loads(json.dumps(state["config"]))

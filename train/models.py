@@ -142,8 +142,8 @@ def load_init(model: nn.Module, init: str) -> dict[str, int]:
         raise InitError(f"{init}: no tensor matches the model (wrong architecture?)")
     head = {}
     if isinstance(ckpt, dict) and ckpt.get("classes") == list(CLASS_CODES):
-        weights = without_prior_shift({**ckpt, "model": fits}, classifier_bias_key(model))
-        head = {k: v for k, v in weights.items() if any(k.startswith(h) for h in head_prefixes)}
+        trained = {k: v for k, v in fits.items() if any(k.startswith(h) for h in head_prefixes)}
+        head = without_prior_shift({**ckpt, "model": trained}, classifier_bias_key(model))
     missing = [k for k in own if k not in usable and not any(k.startswith(h) for h in head_prefixes)]
     model.load_state_dict({**usable, **head}, strict=False)
     if len(missing) > 0.05 * len(own):

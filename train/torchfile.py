@@ -30,6 +30,14 @@ def read_torch_file(path: Path, *, weights_only: bool) -> object:
         raise CheckpointError(f"{path}: {_why_unreadable(path, e)}") from None
 
 
+def read_run_checkpoint(path: Path) -> dict:
+    """A dermtrain run's own checkpoint (best.pt, last.pt): its weights, config and what training recorded."""
+    state = read_torch_file(path, weights_only=False)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "config" not in state:
+        raise CheckpointError(f"{path}: not a dermtrain checkpoint (no model weights and config in it)")
+    return state
+
+
 def _why_unreadable(path: Path, error: Exception) -> str:
     if path.stat().st_size == 0:
         return "empty file, not a checkpoint"

@@ -20,13 +20,13 @@ from dermtrain import distributed as D
 from dermtrain.augment import augment, normalize as torch_normalize, to_float_nchw
 from dermtrain.cache import build_cache, labels_of
 from dermtrain.config import TrainConfig
-from dermtrain.data import load_records
+from dermtrain.data import Record, load_records
 from dermtrain.losses import FocalLoss
 from dermtrain.metrics import summarize
 from dermtrain.models import create_model, default_norm, set_trainable, train_mode
 from dermtrain.plots import training_curves_png
 from dermtrain.precision import bf16_is_fast
-from dermtrain.splits import manifest_sha256, read_manifest, select
+from dermtrain.splits import SplitRow, manifest_sha256, read_manifest, select
 from dermtrain.torchfile import CheckpointError, read_run_checkpoint
 from engines.fsutil import atomic_path, write_json
 from engines.labels import CLASS_CODES
@@ -106,7 +106,8 @@ def split_log_prior(data_dir: Path, split_csv: Path, limit: int | None = None, s
     return train_log_prior(read_manifest(split_csv), load_records(data_dir), limit, seed)
 
 
-def train_log_prior(rows, records, limit: int | None = None, seed: int = 0) -> np.ndarray:
+def train_log_prior(rows: list[SplitRow], records: list[Record], limit: int | None = None,
+                    seed: int = 0) -> np.ndarray:
     """split_log_prior of a manifest and metadata already read."""
     return sampled_log_prior(labels_of(select(rows, records, "train", limit, seed)))
 

@@ -44,7 +44,10 @@
 # The mixup teacher Lite1 @240, `fit lite1-mixup-s1 lite1-mixup --train-seed 1` (75.4%, 73.5% over 4-9; 11.1 ms, over
 # the default's 10 ms), with the default: `python bench/ensemble.py runs/lite0-mixup-s1 runs/lite1-mixup-s1` (75.8%;
 # docs/models/experiments/teachers_mixup.md). At 192 px (8.0 ms, 71.4% over 4-9: rejected):
-#  `fit lite1-mixup192-s1 lite1-mixup --img-size 192 --train-seed 1`.
+#  `fit lite1-mixup192-s1 lite1-mixup --img-size 192 --train-seed 1`. Seed 0 (70.0% over 4-9, level with Lite0):
+#  `fit lite1-mixup-s0 lite1-mixup`. The default's recipe distilled from that pair (72.7 / 71.9% over 4-9 on seeds 1 / 0,
+#  not shipped: docs/models/experiments/lite0_mixup_kd/): `fit lite0-mixup-kd-s1 lite0-mixup --train-seed 1
+#  --teachers runs/lite0-mixup-s1 runs/lite1-mixup-s1` (and --train-seed 0).
 # The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
 # (INT8 fails its gate for both: docs/int8.md).
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]

@@ -291,7 +291,7 @@ def test_mixing_needs_an_alpha_of_at_least_0_and_no_hint(name):
         replace_recipe(student, **{name: 0.2})
 
 
-def test_distilled_student(teacher_run, data_dir, split_csv, tmp_path, cache_dir):
+def test_distilled_student(teacher_run, data_dir, split_csv, tmp_path, cache_dir, monkeypatch):
     cfg = with_overrides(load_config("convnext-distill"), model="test_convnext", teachers=(str(teacher_run),),
                          **{**BANK, "img_size": 48})
     cfg = replace_recipe(cfg, dihedral=True)
@@ -302,6 +302,16 @@ def test_distilled_student(teacher_run, data_dir, split_csv, tmp_path, cache_dir
     assert logp.shape[0] == 2 and logp.shape[2] == 7 and np.isfinite(logp).all()
     assert np.allclose(np.exp(logp).sum(-1), 1, atol=1e-3)
     assert (out / "best.pt").is_file() and len(json.loads((out / "history.json").read_text())) == 2
+    # another student on the same views takes the targets from the bank cache, without running a teacher again
+    def no_teacher_runs(*_a, **_k):
+        raise AssertionError("the teachers ran again")
+    again = tmp_path / "student2"
+    with monkeypatch.context() as m:
+        m.setattr("dermtrain.distill.teacher_view_logp", no_teacher_runs)
+        fit(replace_recipe(cfg, epochs=1, train_seed=5), data_dir, split_csv, again, progress=False)
+    assert np.array_equal(np.load(again / "teacher_logp.npz")["logp"], logp)
+    assert (json.loads((again / "teacher_targets.json").read_text())
+            == json.loads((out / "teacher_targets.json").read_text()))
     # a teacher whose views differ is refused with one line
     bad = with_overrides(cfg, views=3)
     with pytest.raises(ConfigError, match="views"):

@@ -9,13 +9,15 @@ fold, give every training image a target from a model that never saw it.
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from dermtrain.bank import bank_for, view_params
+from dermtrain.bank import bank_for, default_cache_dir, view_params
 from dermtrain.cache import build_cache, labels_of
 from dermtrain.config import ConfigError, DistillConfig, TrainConfig
 from dermtrain.data import Record
@@ -89,9 +91,10 @@ def teacher_view_logp(run_dir: Path, cfg: TrainConfig, train_recs: list[Record],
 def teacher_targets(d: DistillConfig, cfg: TrainConfig, train_recs: list[Record], split_hash: str, run_root: Path,
                     cache_dir: Path | None, progress: bool, loaded: dict[Path, LoadedTeacher] | None = None
                     ) -> np.ndarray:
-    """K x N x 7 ensemble log-probabilities, cached in the run folder as teacher_logp.npz (keyed by the teachers'
-    checkpoints); how close they sit to the labels goes to teacher_targets.json. `loaded`: teachers the caller
-    holds already (the hint's), by run folder, so none is loaded twice."""
+    """K x N x 7 ensemble log-probabilities, kept in the run folder as teacher_logp.npz (keyed by the teachers'
+    checkpoints) and in the bank cache, where another student on the same views finds them; how close they sit to
+    the labels goes to teacher_targets.json. `loaded`: teachers the caller holds already (the hint's), by run
+    folder, so none is loaded twice."""
     dirs = [Path(t) for t in d.teachers]
     for t in dirs:
         if not (t / "best.pt").is_file():
@@ -102,6 +105,11 @@ def teacher_targets(d: DistillConfig, cfg: TrainConfig, train_recs: list[Record]
         cached = np.load(path)
         if str(cached["key"]) == key:
             return cached["logp"]
+    shared = _shared_targets(cache_dir, key, cfg, split_hash)
+    if shared.is_file():
+        cached = np.load(shared)
+        _keep(run_root, cached["logp"], key, {**json.loads(str(cached["summary"])), "teachers": [str(t) for t in dirs]})
+        return cached["logp"]
     total, count = None, np.zeros(len(train_recs))
     fitted_by_a_speaker = np.zeros(len(train_recs), bool)  # a teacher without a holdout fitted every image
     for t in dirs:
@@ -116,11 +124,31 @@ def teacher_targets(d: DistillConfig, cfg: TrainConfig, train_recs: list[Record]
                           "0..K-1 among them")
     logp = np.log(total / count[None, :, None] + 1e-12).astype(np.float32)
     s = summarize(logp.mean(0), labels_of(train_recs))
-    write_json(run_root / "teacher_targets.json", {
-        "teachers": [str(t) for t in dirs], "views": int(logp.shape[0]), "images": int(logp.shape[1]),
-        "cross_fitted_share": float(np.mean(~fitted_by_a_speaker)),
-        "accuracy_on_train": s["accuracy"], "balanced_accuracy_on_train": s["balanced_accuracy"]})
+    summary = {"teachers": [str(t) for t in dirs], "views": int(logp.shape[0]), "images": int(logp.shape[1]),
+               "cross_fitted_share": float(np.mean(~fitted_by_a_speaker)),
+               "accuracy_on_train": s["accuracy"], "balanced_accuracy_on_train": s["balanced_accuracy"]}
+    _keep(run_root, logp, key, summary)
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    _save_npz(shared, logp=logp, key=np.array(key), summary=np.array(json.dumps(summary)))
+    return logp
+
+
+def _shared_targets(cache_dir: Path | None, key: str, cfg: TrainConfig, split_hash: str) -> Path:
+    """Where the bank cache keeps these teachers' targets on this student's views. Compatible teachers share the
+    student's views (`_check_compatible`), so the views' signature and the teachers' checkpoints fix the targets."""
+    views = {"teachers": key, "split": split_hash, "views": cfg.recipe.views, "seed": cfg.seed,
+             "augment": asdict(cfg.augment), "limit": cfg.limit}
+    name = hashlib.sha256(json.dumps(views, sort_keys=True).encode()).hexdigest()[:16]
+    return (cache_dir or default_cache_dir()) / f"teacher-logp-{name}.npz"
+
+
+def _keep(run_root: Path, logp: np.ndarray, key: str, summary: dict) -> None:
+    """The run's own record of its targets: teacher_logp.npz and teacher_targets.json."""
+    write_json(run_root / "teacher_targets.json", summary)
+    _save_npz(run_root / "teacher_logp.npz", logp=logp, key=np.array(key))
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, logp=logp, key=np.array(key))
-    return logp
+            np.savez(f, **arrays)

@@ -1,6 +1,7 @@
 """The fast path: feature bank, recipe training, distillation and per-view thresholds, trained tiny on real images."""
 import json
 import re
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -316,6 +317,42 @@ def test_distilled_student(teacher_run, data_dir, split_csv, tmp_path, cache_dir
     bad = with_overrides(cfg, views=3)
     with pytest.raises(ConfigError, match="views"):
         fit(bad, data_dir, split_csv, tmp_path / "bad", progress=False)
+
+
+def test_targets_found_in_a_run_folder_are_shared_through_the_bank_cache(teacher_run, data_dir, split_csv, tmp_path,
+                                                                        cache_dir, monkeypatch):
+    """Targets a run folder holds (made before the cache kept them, or copied in by hand) seed the bank cache, so
+    the next student on these views does not run the teachers again; the summary comes from the run's
+    teacher_targets.json, or from the targets themselves when it is missing."""
+    cfg = with_overrides(load_config("convnext-distill"), model="test_convnext", teachers=(str(teacher_run),),
+                         **{**BANK, "img_size": 48, "epochs": 1})
+    cfg = replace_recipe(cfg, dihedral=True, train_seed=7)
+    first = tmp_path / "first"
+    fit(cfg, data_dir, split_csv, first, progress=False)
+    made = np.load(first / "teacher_logp.npz")["logp"]
+    summary = json.loads((first / "teacher_targets.json").read_text())
+
+    def no_teacher_runs(*_a, **_k):
+        raise AssertionError("the teachers ran again")
+    monkeypatch.setattr("dermtrain.distill.teacher_view_logp", no_teacher_runs)
+    for with_summary in (True, False):
+        for f in cache_dir.glob("teacher-logp-*.npz"):
+            f.unlink()
+        copied = tmp_path / f"copied-{with_summary}"
+        copied.mkdir()
+        shutil.copy(first / "teacher_logp.npz", copied)
+        if with_summary:
+            shutil.copy(first / "teacher_targets.json", copied)
+        fit(cfg, data_dir, split_csv, copied, progress=False)
+        [shared] = cache_dir.glob("teacher-logp-*.npz")
+        kept = json.loads(str(np.load(shared)["summary"]))
+        if with_summary:
+            assert kept == summary
+        else:
+            assert kept["accuracy_on_train"] == pytest.approx(summary["accuracy_on_train"])
+        fresh = tmp_path / f"fresh-{with_summary}"
+        fit(cfg, data_dir, split_csv, fresh, progress=False)
+        assert np.array_equal(np.load(fresh / "teacher_logp.npz")["logp"], made)
 
 
 def test_a_students_second_seed_keeps_its_teachers_views(teacher_run, data_dir, split_csv, tmp_path, cache_dir):

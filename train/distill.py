@@ -100,12 +100,12 @@ def teacher_targets(d: DistillConfig, cfg: TrainConfig, train_recs: list[Record]
         if not (t / "best.pt").is_file():
             raise ConfigError(f"teacher {t}: no best.pt")
     key = hashlib.sha256(b"".join(hashlib.sha256((t / "best.pt").read_bytes()).digest() for t in dirs)).hexdigest()
-    path = run_root / "teacher_logp.npz"
-    if path.is_file():
-        cached = np.load(path)
-        if str(cached["key"]) == key:
-            return cached["logp"]
     shared = _shared_targets(cache_dir, key, cfg, split_hash)
+    own = _own_targets(run_root, key)
+    if own is not None:
+        if not shared.is_file():  # targets made before the cache kept them, or copied in by hand: share them now
+            _share(shared, own, key, _own_summary(run_root, own, train_recs, dirs))
+        return own
     if shared.is_file():
         cached = np.load(shared)
         _keep(run_root, cached["logp"], key, {**json.loads(str(cached["summary"])), "teachers": [str(t) for t in dirs]})
@@ -128,9 +128,28 @@ def teacher_targets(d: DistillConfig, cfg: TrainConfig, train_recs: list[Record]
                "cross_fitted_share": float(np.mean(~fitted_by_a_speaker)),
                "accuracy_on_train": s["accuracy"], "balanced_accuracy_on_train": s["balanced_accuracy"]}
     _keep(run_root, logp, key, summary)
-    shared.parent.mkdir(parents=True, exist_ok=True)
-    _save_npz(shared, logp=logp, key=np.array(key), summary=np.array(json.dumps(summary)))
+    _share(shared, logp, key, summary)
     return logp
+
+
+def _own_targets(run_root: Path, key: str) -> np.ndarray | None:
+    """The run folder's targets when they come from these teachers' checkpoints (a resume, or a copy)."""
+    path = run_root / "teacher_logp.npz"
+    if not path.is_file():
+        return None
+    cached = np.load(path)
+    return cached["logp"] if str(cached["key"]) == key else None
+
+
+def _own_summary(run_root: Path, logp: np.ndarray, train_recs: list[Record], dirs: list[Path]) -> dict:
+    """The run's teacher_targets.json; when it is missing, what the targets themselves tell (how many of them were
+    cross-fitted is known only to the run that made them)."""
+    path = run_root / "teacher_targets.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    s = summarize(logp.mean(0), labels_of(train_recs))
+    return {"teachers": [str(t) for t in dirs], "views": int(logp.shape[0]), "images": int(logp.shape[1]),
+            "accuracy_on_train": s["accuracy"], "balanced_accuracy_on_train": s["balanced_accuracy"]}
 
 
 def _shared_targets(cache_dir: Path | None, key: str, cfg: TrainConfig, split_hash: str) -> Path:
@@ -140,6 +159,12 @@ def _shared_targets(cache_dir: Path | None, key: str, cfg: TrainConfig, split_ha
              "augment": asdict(cfg.augment), "limit": cfg.limit}
     name = hashlib.sha256(json.dumps(views, sort_keys=True).encode()).hexdigest()[:16]
     return (cache_dir or default_cache_dir()) / f"teacher-logp-{name}.npz"
+
+
+def _share(shared: Path, logp: np.ndarray, key: str, summary: dict) -> None:
+    """The bank cache's copy, where another student on the same views finds these targets."""
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    _save_npz(shared, logp=logp, key=np.array(key), summary=np.array(json.dumps(summary)))
 
 
 def _keep(run_root: Path, logp: np.ndarray, key: str, summary: dict) -> None:

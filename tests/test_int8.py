@@ -50,6 +50,25 @@ def test_int8_file_is_qdq_per_channel_and_bias_correction_removes_the_output_shi
     assert eng.bundle.precision == "int8" and eng.forward(batch[:4])[0].shape == (4, 7)
 
 
+def _int8_weights(path) -> list[np.ndarray]:
+    proto = onnx.load(str(path))
+    return [w for w in (onnx.numpy_helper.to_array(t) for t in proto.graph.initializer)
+            if w.dtype == np.int8 and w.ndim > 1]
+
+
+def test_onnx_runtime_form_keeps_weights_to_7_bits_and_the_tensorrt_form_to_8(gate_set, tmp_path):
+    """ONNX Runtime on an x86 CPU without VNNI multiplies u8 activations by s8 weights with an instruction whose
+    16-bit pair sums full 8-bit weights overflow; 7-bit weights cannot. TensorRT's signed form does not saturate."""
+    ref, _, _, calib = gate_set
+    ort_form, trt_form = tmp_path / "u.int8.onnx", tmp_path / "s.int8.onnx"
+    quantize_int8(ref.path, ort_form, calib, ref.bundle, log=lambda *_: None)
+    quantize_int8(ref.path, trt_form, calib, ref.bundle, log=lambda *_: None, signed=True)
+    u, s = _int8_weights(ort_form), _int8_weights(trt_form)
+    assert u and s
+    assert max(int(np.abs(w.astype(np.int16)).max()) for w in u) <= 64
+    assert max(int(np.abs(w.astype(np.int16)).max()) for w in s) == 127
+
+
 def test_int8_gate_uses_int8_limits_and_refuses_a_damaged_model(gate_set, tmp_path):
     ref, batch, labels, calib = gate_set
     good = tmp_path / "m.int8.onnx"

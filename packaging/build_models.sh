@@ -50,6 +50,10 @@
 #  `fit lite1-mixup-s0 lite1-mixup`. The default's recipe distilled from that pair on the other two seeds (72.7 / 71.9%
 #  over 4-9 on seeds 1 / 0, against 73.1% for the shipped seed 2: docs/models/experiments/lite0_mixup_kd/):
 #  `fit lite0-mixup-kd-s1 lite0-mixup --train-seed 1 --teachers runs/lite0-mixup-s1 runs/lite1-mixup-s1` (and 0).
+# The same student for 18 epochs (73.6% over 16-18 against 73.3% over 7-9: not shipped; docs/models/experiments/lite0_kd_long/):
+#  `fit lite0-mixup-kd18-s2 lite0-mixup --epochs 18 --train-seed 2 --teachers runs/lite0-mixup-s1 runs/lite1-mixup-s1`.
+# The shipped convnext's preset from those two teachers (63.2%, not shipped; docs/models/experiments/convnext_femto_mkd/):
+#  `fit convnext-femto-mkd convnext-hint --teachers runs/lite0-mixup-s1 runs/lite1-mixup-s1`.
 # The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
 # (INT8 fails its gate for both: docs/int8.md).
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]

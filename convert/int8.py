@@ -193,7 +193,7 @@ def _quantize(src: Path, calib: np.ndarray, size: int, signed: bool):
     The ONNX Runtime form (unsigned activations) keeps its weights to 7 bits: on an x86 CPU without VNNI (AVX2, as
     many clinic PCs are) ONNX Runtime multiplies u8 by s8 with an instruction that saturates the sum of each pair
     of products in 16 bits, which full 8-bit weights overflow: the shipped Lite0 kept 79% top-1 agreement with FP32
-    on an AVX2 CPU with 8-bit weights, 95% with 7-bit ones (docs/int8.md), which no CPU saturates, so the gate
+    on an AVX2 CPU with 8-bit weights, 96% with 7-bit ones (docs/int8.md), which no CPU saturates, so the gate
     measures what every CPU runs. The signed form is for TensorRT, whose kernels do not saturate: it keeps 8 bits."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static

@@ -350,6 +350,7 @@ def test_targets_found_in_a_run_folder_are_shared_through_the_bank_cache(teacher
             assert kept == summary
         else:
             assert kept["accuracy_on_train"] == pytest.approx(summary["accuracy_on_train"])
+            assert json.loads((copied / "teacher_targets.json").read_text()) == kept
         fresh = tmp_path / f"fresh-{with_summary}"
         fit(cfg, data_dir, split_csv, fresh, progress=False)
         assert np.array_equal(np.load(fresh / "teacher_logp.npz")["logp"], made)

@@ -143,13 +143,15 @@ def _own_targets(run_root: Path, key: str) -> np.ndarray | None:
 
 def _own_summary(run_root: Path, logp: np.ndarray, train_recs: list[Record], dirs: list[Path]) -> dict:
     """The run's teacher_targets.json; when it is missing, what the targets themselves tell (how many of them were
-    cross-fitted is known only to the run that made them)."""
+    cross-fitted is known only to the run that made them), written there too."""
     path = run_root / "teacher_targets.json"
     if path.is_file():
         return json.loads(path.read_text())
     s = summarize(logp.mean(0), labels_of(train_recs))
-    return {"teachers": [str(t) for t in dirs], "views": int(logp.shape[0]), "images": int(logp.shape[1]),
-            "accuracy_on_train": s["accuracy"], "balanced_accuracy_on_train": s["balanced_accuracy"]}
+    summary = {"teachers": [str(t) for t in dirs], "views": int(logp.shape[0]), "images": int(logp.shape[1]),
+               "accuracy_on_train": s["accuracy"], "balanced_accuracy_on_train": s["balanced_accuracy"]}
+    write_json(path, summary)
+    return summary
 
 
 def _shared_targets(cache_dir: Path | None, key: str, cfg: TrainConfig, split_hash: str) -> Path:

@@ -335,6 +335,20 @@ def test_targets_found_in_a_run_folder_are_shared_through_the_bank_cache(teacher
     def no_teacher_runs(*_a, **_k):
         raise AssertionError("the teachers ran again")
     monkeypatch.setattr("dermtrain.distill.teacher_view_logp", no_teacher_runs)
+    kept_aside = tmp_path / "cache-before"  # the module's other tests share this cache: leave it as found
+    kept_aside.mkdir()
+    for f in cache_dir.glob("teacher-logp-*.npz"):
+        shutil.move(f, kept_aside / f.name)
+    try:
+        _share_from_run_folders(cfg, data_dir, split_csv, tmp_path, cache_dir, first, made, summary)
+    finally:
+        for f in cache_dir.glob("teacher-logp-*.npz"):
+            f.unlink()
+        for f in kept_aside.iterdir():
+            shutil.move(f, cache_dir / f.name)
+
+
+def _share_from_run_folders(cfg, data_dir, split_csv, tmp_path, cache_dir, first, made, summary):
     for with_summary in (True, False):
         for f in cache_dir.glob("teacher-logp-*.npz"):
             f.unlink()

@@ -1,4 +1,5 @@
 """The fast path: feature bank, recipe training, distillation and per-view thresholds, trained tiny on real images."""
+import contextlib
 import json
 import re
 import shutil
@@ -335,39 +336,41 @@ def test_targets_found_in_a_run_folder_are_shared_through_the_bank_cache(teacher
     def no_teacher_runs(*_a, **_k):
         raise AssertionError("the teachers ran again")
     monkeypatch.setattr("dermtrain.distill.teacher_view_logp", no_teacher_runs)
-    kept_aside = tmp_path / "cache-before"  # the module's other tests share this cache: leave it as found
-    kept_aside.mkdir()
+    with _targets_set_aside(cache_dir, tmp_path / "cache-before"):
+        for with_summary in (True, False):
+            for f in cache_dir.glob("teacher-logp-*.npz"):
+                f.unlink()
+            copied = tmp_path / f"copied-{with_summary}"
+            copied.mkdir()
+            shutil.copy(first / "teacher_logp.npz", copied)
+            if with_summary:
+                shutil.copy(first / "teacher_targets.json", copied)
+            fit(cfg, data_dir, split_csv, copied, progress=False)
+            [shared] = cache_dir.glob("teacher-logp-*.npz")
+            kept = json.loads(str(np.load(shared)["summary"]))
+            if with_summary:
+                assert kept == summary
+            else:
+                assert kept["accuracy_on_train"] == pytest.approx(summary["accuracy_on_train"])
+                assert json.loads((copied / "teacher_targets.json").read_text()) == kept
+            fresh = tmp_path / f"fresh-{with_summary}"
+            fit(cfg, data_dir, split_csv, fresh, progress=False)
+            assert np.array_equal(np.load(fresh / "teacher_logp.npz")["logp"], made)
+
+
+@contextlib.contextmanager
+def _targets_set_aside(cache_dir, aside):
+    """The module's other tests share this bank cache: its teacher targets go aside and come back as they were."""
+    aside.mkdir()
     for f in cache_dir.glob("teacher-logp-*.npz"):
-        shutil.move(f, kept_aside / f.name)
+        shutil.move(f, aside / f.name)
     try:
-        _share_from_run_folders(cfg, data_dir, split_csv, tmp_path, cache_dir, first, made, summary)
+        yield
     finally:
         for f in cache_dir.glob("teacher-logp-*.npz"):
             f.unlink()
-        for f in kept_aside.iterdir():
+        for f in aside.iterdir():
             shutil.move(f, cache_dir / f.name)
-
-
-def _share_from_run_folders(cfg, data_dir, split_csv, tmp_path, cache_dir, first, made, summary):
-    for with_summary in (True, False):
-        for f in cache_dir.glob("teacher-logp-*.npz"):
-            f.unlink()
-        copied = tmp_path / f"copied-{with_summary}"
-        copied.mkdir()
-        shutil.copy(first / "teacher_logp.npz", copied)
-        if with_summary:
-            shutil.copy(first / "teacher_targets.json", copied)
-        fit(cfg, data_dir, split_csv, copied, progress=False)
-        [shared] = cache_dir.glob("teacher-logp-*.npz")
-        kept = json.loads(str(np.load(shared)["summary"]))
-        if with_summary:
-            assert kept == summary
-        else:
-            assert kept["accuracy_on_train"] == pytest.approx(summary["accuracy_on_train"])
-            assert json.loads((copied / "teacher_targets.json").read_text()) == kept
-        fresh = tmp_path / f"fresh-{with_summary}"
-        fit(cfg, data_dir, split_csv, fresh, progress=False)
-        assert np.array_equal(np.load(fresh / "teacher_logp.npz")["logp"], made)
 
 
 def test_a_students_second_seed_keeps_its_teachers_views(teacher_run, data_dir, split_csv, tmp_path, cache_dir):

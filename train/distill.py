@@ -123,10 +123,7 @@ def teacher_targets(d: DistillConfig, cfg: TrainConfig, train_recs: list[Record]
                           "teacher that may speak for them: teachers trained with --holdout F/K need every fold "
                           "0..K-1 among them")
     logp = np.log(total / count[None, :, None] + 1e-12).astype(np.float32)
-    s = summarize(logp.mean(0), labels_of(train_recs))
-    summary = {"teachers": [str(t) for t in dirs], "views": int(logp.shape[0]), "images": int(logp.shape[1]),
-               "cross_fitted_share": float(np.mean(~fitted_by_a_speaker)),
-               "accuracy_on_train": s["accuracy"], "balanced_accuracy_on_train": s["balanced_accuracy"]}
+    summary = {**_summary(logp, train_recs, dirs), "cross_fitted_share": float(np.mean(~fitted_by_a_speaker))}
     _keep(run_root, logp, key, summary)
     _share(shared, logp, key, summary)
     return logp
@@ -147,11 +144,16 @@ def _own_summary(run_root: Path, logp: np.ndarray, train_recs: list[Record], dir
     path = run_root / "teacher_targets.json"
     if path.is_file():
         return json.loads(path.read_text())
-    s = summarize(logp.mean(0), labels_of(train_recs))
-    summary = {"teachers": [str(t) for t in dirs], "views": int(logp.shape[0]), "images": int(logp.shape[1]),
-               "accuracy_on_train": s["accuracy"], "balanced_accuracy_on_train": s["balanced_accuracy"]}
+    summary = _summary(logp, train_recs, dirs)
     write_json(path, summary)
     return summary
+
+
+def _summary(logp: np.ndarray, train_recs: list[Record], dirs: list[Path]) -> dict:
+    """Which teachers, on how many views and images, and how close their view-averaged targets sit to the labels."""
+    s = summarize(logp.mean(0), labels_of(train_recs))
+    return {"teachers": [str(t) for t in dirs], "views": int(logp.shape[0]), "images": int(logp.shape[1]),
+            "accuracy_on_train": s["accuracy"], "balanced_accuracy_on_train": s["balanced_accuracy"]}
 
 
 def _shared_targets(cache_dir: Path | None, key: str, cfg: TrainConfig, split_hash: str) -> Path:

@@ -111,6 +111,38 @@ def test_views_are_the_same_at_any_resolution(sample_images):
     assert torch.equal(p.angle, draw_params(4, AugmentConfig(), g2).angle)
 
 
+def _detail(x: torch.Tensor) -> torch.Tensor:
+    """Per-image energy of the Laplacian: how much fine detail a batch of views keeps."""
+    lap = x[..., 1:-1, 2:] + x[..., 1:-1, :-2] + x[..., 2:, 1:-1] + x[..., :-2, 1:-1] - 4 * x[..., 1:-1, 1:-1]
+    return lap.pow(2).mean(dim=(1, 2, 3))
+
+
+def test_sharpness_blurs_or_sharpens_each_view_and_leaves_earlier_views_and_keys_alone(sample_images):
+    from dermtrain.bank import bank_key
+    from engines.preprocess import PreprocessSpec
+
+    x = to_float_nchw(torch.from_numpy(_images(sample_images, 96)[0]))
+    off, on = AugmentConfig(), AugmentConfig(sharpness=0.7)
+    p_off, p_on = (draw_params(len(x), c, torch.Generator().manual_seed(5)) for c in (off, on))
+    # drawn last: every other choice is what a config without it drew
+    assert all(torch.equal(getattr(p_off, f), getattr(p_on, f)) for f in ("angle", "sx", "sy", "brightness", "hue"))
+    assert torch.equal(p_off.sharpness, torch.ones(len(x)))
+    assert bool(((p_on.sharpness >= 0.3) & (p_on.sharpness <= 1.7)).all()) and p_on.sharpness.std() > 0
+    still = replace(p_off, angle=torch.zeros(len(x)), sx=torch.ones(len(x)), sy=torch.ones(len(x)),
+                    brightness=torch.ones(len(x)), contrast=torch.ones(len(x)), saturation=torch.ones(len(x)),
+                    hue=torch.zeros(len(x)))
+    n = len(x)
+    base, soft, sharp = (apply_params(x.clone(), replace(still, sharpness=torch.full((n,), f))) for f in (1.0, 0.3, 1.7))
+    assert torch.allclose(base, x, atol=1e-6)  # factor 1: the image as it was
+    assert bool((_detail(soft) < 0.6 * _detail(base)).all()) and bool((_detail(sharp) > 1.5 * _detail(base)).all())
+    # banks and teacher targets cached before the option existed keep their keys
+    assert "sharpness" not in off.key_dict() and on.key_dict()["sharpness"] == 0.7
+    key = lambda a: bank_key("m", None, 4, 2, PreprocessSpec(64), "s", a, 0, 10, False)  # noqa: E731
+    assert key(off) != key(on)
+    with pytest.raises(ConfigError, match="sharpness"):
+        validate(replace(load_config("lite0-mixup"), augment=AugmentConfig(sharpness=1.5)))
+
+
 def test_bank_run_trains_caches_and_folds_the_prior(teacher_run, data_dir, cache_dir):
     hist = json.loads((teacher_run / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [1, 2] and "bank_seconds" in hist[0]

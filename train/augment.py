@@ -1,4 +1,4 @@
-"""Training augmentation on whole batches of cached uint8 images: flips, rotation, colour jitter.
+"""Training augmentation on whole batches of cached uint8 images: flips, rotation, sharpness, colour jitter.
 
 Working on batches in the training process (one affine resample and a few tensor ops per batch) keeps
 the loader off the critical path on a 2-core machine: no decode, no per-image Python, no worker processes.
@@ -6,7 +6,7 @@ the loader off the critical path on a 2-core machine: no decode, no per-image Py
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,17 @@ class AugmentConfig:
     contrast: float = 0.2
     saturation: float = 0.2
     hue: float = 0.1
+    # Blur or sharpen each view by a factor in [1 - sharpness, 1 + sharpness] (0: the image blurred by a Gaussian of
+    # one pixel, 2: unsharp-masked by as much): another camera's optics, sharpening or resampling. 0: off.
+    sharpness: float = 0.0
+
+    def key_dict(self) -> dict:
+        """The fields that decide the views, for cache keys: a field added later is left out while it is off, so
+        the banks and teacher targets cached before it keep their keys."""
+        d = asdict(self)
+        if not self.sharpness:
+            del d["sharpness"]
+        return d
 
 
 def to_float_nchw(batch_u8: torch.Tensor) -> torch.Tensor:
@@ -56,6 +67,7 @@ class AugmentParams:
     contrast: torch.Tensor
     saturation: torch.Tensor
     hue: torch.Tensor  # fraction of the colour circle
+    sharpness: torch.Tensor  # factors, N: 1 leaves the image as it is
 
     def take(self, idx) -> "AugmentParams":
         return AugmentParams(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
@@ -71,7 +83,19 @@ def draw_params(n: int, cfg: AugmentConfig, g: torch.Generator) -> AugmentParams
 
     b, c, s = factor(cfg.brightness), factor(cfg.contrast), factor(cfg.saturation)
     hue = (torch.rand(n, generator=g) * 2 - 1) * cfg.hue if cfg.hue else torch.zeros(n)
-    return AugmentParams(angle, sx, sy, b, c, s, hue)
+    sharp = factor(cfg.sharpness)  # drawn last: a config without it draws exactly the views it drew before
+    return AugmentParams(angle, sx, sy, b, c, s, hue, sharp)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Each channel blurred by a separable 5-tap Gaussian, edges reflected."""
+    t = torch.arange(-2, 3, dtype=x.dtype)
+    k = torch.exp(-t * t / (2 * sigma * sigma))
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, 5).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(x, k.view(1, 1, 5, 1).repeat(c, 1, 1, 1), groups=c)
 
 
 def apply_params(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
@@ -85,6 +109,9 @@ def apply_params(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         # Reflection keeps the skin texture at the corners instead of black wedges the model could learn.
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if bool((p.sharpness != 1).any()):
+        blurred = _gaussian_blur(x)
+        x = blurred + (x - blurred) * col(p.sharpness)
     x = x * col(p.brightness)
     mean = _gray(x).mean(dim=(2, 3), keepdim=True)
     x = (x - mean) * col(p.contrast) + mean

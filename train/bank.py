@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -53,7 +52,7 @@ def make_views(images_u8: np.ndarray, params: AugmentParams, spec: PreprocessSpe
 def bank_key(model: str, init: str | None, cut_at: int, views: int, spec: PreprocessSpec, split_sha256: str,
              augment: AugmentConfig, seed: int, n: int, bf16: bool) -> str:
     what = {"model": model, "init": init, "cut_at": cut_at, "views": views, "preprocess": spec.to_dict(),
-            "split": split_sha256, "augment": asdict(augment), "seed": seed, "n": n, "bf16": bf16,
+            "split": split_sha256, "augment": augment.key_dict(), "seed": seed, "n": n, "bf16": bf16,
             "version": BANK_VERSION}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -176,6 +176,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("focal_alpha must be one number or 7 (one per class)")
     if cfg.phase1.epochs < 0 or cfg.phase2.epochs < 0 or cfg.total_epochs == 0:
         raise ConfigError("the two phases need a non-negative number of epochs, at least one in all")
+    if not 0 <= cfg.augment.sharpness <= 1:
+        raise ConfigError(f"augment.sharpness must be in [0, 1] (factors 1 - s to 1 + s), not {cfg.augment.sharpness}")
 
 
 def presets() -> list[str]:

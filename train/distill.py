@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +159,7 @@ def _shared_targets(cache_dir: Path | None, key: str, cfg: TrainConfig, split_ha
     """Where the bank cache keeps these teachers' targets on this student's views. Compatible teachers share the
     student's views (`_check_compatible`), so the views' signature and the teachers' checkpoints fix the targets."""
     views = {"teachers": key, "split": split_hash, "views": cfg.recipe.views, "seed": cfg.seed,
-             "augment": asdict(cfg.augment), "limit": cfg.limit}
+             "augment": cfg.augment.key_dict(), "limit": cfg.limit}
     name = hashlib.sha256(json.dumps(views, sort_keys=True).encode()).hexdigest()[:16]
     return (cache_dir or default_cache_dir()) / f"teacher-logp-{name}.npz"
 

@@ -128,6 +128,8 @@ def test_sharpness_blurs_or_sharpens_each_view_and_leaves_earlier_views_and_keys
     assert all(torch.equal(getattr(p_off, f), getattr(p_on, f)) for f in ("angle", "sx", "sy", "brightness", "hue"))
     assert torch.equal(p_off.sharpness, torch.ones(len(x)))
     assert bool(((p_on.sharpness >= 0.3) & (p_on.sharpness <= 1.7)).all()) and p_on.sharpness.std() > 0
+    views = view_params(len(x), 3, on, seed=0)  # view 0 stays the image itself
+    assert torch.equal(views.sharpness[0], torch.ones(len(x))) and bool((views.sharpness[1:] != 1).any())
     still = replace(p_off, angle=torch.zeros(len(x)), sx=torch.ones(len(x)), sy=torch.ones(len(x)),
                     brightness=torch.ones(len(x)), contrast=torch.ones(len(x)), saturation=torch.ones(len(x)),
                     hue=torch.zeros(len(x)))

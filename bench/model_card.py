@@ -44,7 +44,10 @@ LIMITS = ["## Known limits", "",
           "- The melanoma threshold is set for >= 90% sensitivity on validation: most flagged lesions are not "
           "melanomas; an unflagged lesion can still be one. Use the flag, not the top-1 label, for melanoma triage.",
           "- Dermoscopy only, the 7 HAM10000 classes only (it cannot say \"none of these\"), mostly fair-skinned "
-          "patients of two centres (Vienna, Queensland).", ""]
+          "patients of two centres (Vienna, Queensland).",
+          "- Sensitive to how an image was made: the same validation images resampled, sharpened, blurred or "
+          "re-compressed change part of its answers (`docs/robustness.md`, `python bench/robustness.py`): check a new "
+          "camera or archive on a labelled sample before relying on it.", ""]
 
 
 def card(run: Path, onnx: Path, name: str, title: str, notes: str, run_copy: str, installed: Path) -> str:

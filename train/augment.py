@@ -21,8 +21,9 @@ class AugmentConfig:
     contrast: float = 0.2
     saturation: float = 0.2
     hue: float = 0.1
-    # Blur or sharpen each view by a factor in [1 - sharpness, 1 + sharpness] (0: the image blurred by a Gaussian of
-    # one pixel, 2: unsharp-masked by as much): another camera's optics, sharpening or resampling. 0: off.
+    # Blur or sharpen each view by a factor drawn in [1 - sharpness, 1 + sharpness] (factor 0: the image blurred by a
+    # one-pixel Gaussian; factor 2: unsharp-masked by as much): another camera's optics, sharpening or resampling.
+    # 0: off.
     sharpness: float = 0.0
 
     def key_dict(self) -> dict:

@@ -82,20 +82,18 @@ def score(engine, images: list[np.ndarray], batch: int = 64) -> tuple[np.ndarray
 
 
 def rows_for(model: Path, images: list[np.ndarray], labels: np.ndarray) -> list[Row]:
+    from dermtrain.metrics import balanced_accuracy, confusion
     from engines.labels import MEL_INDEX
     from engines.onnx_backend import OrtEngine
 
     eng = OrtEngine(model, "cpu")
-    base, _ = score(eng, images)
-    out = []
-    for name, f in {"as stored": None, **PERTURBATIONS}.items():
-        pred, flag = score(eng, images if f is None else [f(im) for im in images])
-        recalls = [float((pred[labels == k] == k).mean()) for k in np.unique(labels)]
-        mel = labels == MEL_INDEX
-        out.append(Row(model.name, name, float((pred == base).mean()), float((pred == labels).mean()),
-                       float(np.mean(recalls)), float(flag[mel].mean()), float(1 - flag[~mel].mean()),
-                       float(flag.mean())))
-    return out
+    answers = {"as stored": score(eng, images)}
+    answers.update((name, score(eng, [f(im) for im in images])) for name, f in PERTURBATIONS.items())
+    base, mel = answers["as stored"][0], labels == MEL_INDEX
+    return [Row(model.name, name, float((pred == base).mean()), float((pred == labels).mean()),
+                balanced_accuracy(confusion(labels, pred)), float(flag[mel].mean()), float(1 - flag[~mel].mean()),
+                float(flag.mean()))
+            for name, (pred, flag) in answers.items()]
 
 
 def validation_images(data: Path, split: Path, limit: int | None) -> tuple[list[np.ndarray], np.ndarray]:

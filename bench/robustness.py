@@ -48,8 +48,9 @@ def _blurred(factor: float) -> Perturbation:
 
 def _jpeg(quality: int) -> Perturbation:
     def f(rgb: np.ndarray) -> np.ndarray:
-        ok, buf = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
-        return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1])
+        from dermtrain.augment import jpeg_roundtrip  # the training option's own re-encoding
+
+        return jpeg_roundtrip(rgb, quality)
     return f
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from dermtrain.augment import (AugmentConfig, apply_dihedral, apply_params, draw_batch_mix, draw_cutmix,
-                               draw_dihedral, draw_mix, draw_params, to_float_nchw)
+from dermtrain.augment import (AugmentConfig, AugmentParams, apply_dihedral, apply_params, draw_batch_mix,
+                               draw_cutmix, draw_dihedral, draw_mix, draw_params, to_float_nchw)
 from dermtrain.bank import early_features, make_views, view_params
 from dermtrain.config import ConfigError, load_config, validate, with_overrides
 from dermtrain.fit import fit
@@ -143,6 +143,32 @@ def test_sharpness_blurs_or_sharpens_each_view_and_leaves_earlier_views_and_keys
     assert key(off) != key(on)
     with pytest.raises(ConfigError, match="sharpness"):
         validate(replace(load_config("lite0-mixup"), augment=AugmentConfig(sharpness=1.5)))
+
+
+def test_jpeg_recompresses_each_view_and_leaves_earlier_draws_and_keys_alone(sample_images):
+    x = to_float_nchw(torch.from_numpy(_images(sample_images, 96)[0]))
+    n = len(x)
+    off, on = AugmentConfig(sharpness=0.5), AugmentConfig(sharpness=0.5, jpeg=40)
+    p_off, p_on = (draw_params(n, c, torch.Generator().manual_seed(5)) for c in (off, on))
+    # drawn last: every earlier choice, sharpness included, is what a config without it drew
+    assert all(torch.equal(getattr(p_off, f), getattr(p_on, f)) for f in ("angle", "sx", "brightness", "sharpness"))
+    assert torch.equal(p_off.jpeg, torch.full((n,), 100.0))
+    assert bool(((p_on.jpeg >= 40) & (p_on.jpeg <= 99)).all()) and p_on.jpeg.std() > 0
+    views = view_params(n, 3, on, seed=0)  # view 0 stays the image itself
+    assert torch.equal(views.jpeg[0], torch.full((n,), 100.0)) and bool((views.jpeg[1:] < 100).all())
+    ones, zeros = torch.ones(n), torch.zeros(n)
+    still = AugmentParams(zeros, ones, ones, ones, ones, ones, zeros, ones, torch.full((n,), 100.0))
+    err = {q: (apply_params(x.clone(), replace(still, jpeg=torch.full((n,), q))) - x).abs().mean(dim=(1, 2, 3))
+           for q in (100.0, 90.0, 30.0)}
+    assert bool((err[100.0] < 1e-6).all())  # quality 100: the image as it was
+    assert bool((err[90.0] > 0).all()) and bool((err[30.0] > 1.3 * err[90.0]).all()) and bool((err[30.0] < 0.05).all())
+    # the options added after the caches existed stay out of the keys while off: earlier keys hold
+    assert set(AugmentConfig().key_dict()) == {"hflip", "vflip", "rotate_deg", "brightness", "contrast",
+                                                "saturation", "hue"}
+    assert on.key_dict()["jpeg"] == 40 and on.key_dict()["sharpness"] == 0.5
+    for bad in (120, 100, -5):
+        with pytest.raises(ConfigError, match="jpeg"):
+            validate(replace(load_config("lite0-mixup"), augment=AugmentConfig(jpeg=bad)))
 
 
 def test_bank_run_trains_caches_and_folds_the_prior(teacher_run, data_dir, cache_dir):

@@ -1,4 +1,4 @@
-"""Training augmentation on whole batches of cached uint8 images: flips, rotation, sharpness, colour jitter.
+"""Training augmentation on whole batches of cached uint8 images: flips, rotation, sharpness, colour jitter, JPEG.
 
 Working on batches in the training process (one affine resample and a few tensor ops per batch) keeps
 the loader off the critical path on a 2-core machine: no decode, no per-image Python, no worker processes.
@@ -8,8 +8,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+# Options added after banks and teacher targets were first cached: left out of the cache keys while off.
+_ADDED_LATER = ("sharpness", "jpeg")
 
 
 @dataclass(frozen=True)
@@ -25,14 +31,14 @@ class AugmentConfig:
     # one-pixel Gaussian; factor 2: unsharp-masked by as much): another camera's optics, sharpening or resampling.
     # 0: off.
     sharpness: float = 0.0
+    # Re-encode each view as a JPEG of a whole quality drawn in [jpeg, 99]: another archive's or camera's
+    # compression. 0: off.
+    jpeg: int = 0
 
     def key_dict(self) -> dict:
         """The fields that decide the views, for cache keys: a field added later is left out while it is off, so
         the banks and teacher targets cached before it keep their keys."""
-        d = asdict(self)
-        if not self.sharpness:
-            del d["sharpness"]
-        return d
+        return {k: v for k, v in asdict(self).items() if v or k not in _ADDED_LATER}
 
 
 def to_float_nchw(batch_u8: torch.Tensor) -> torch.Tensor:
@@ -69,6 +75,7 @@ class AugmentParams:
     saturation: torch.Tensor
     hue: torch.Tensor  # fraction of the colour circle
     sharpness: torch.Tensor  # factors, N: 1 leaves the image as it is
+    jpeg: torch.Tensor  # JPEG qualities, N: 100 or above leaves the image as it is
 
     def take(self, idx) -> "AugmentParams":
         return AugmentParams(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
@@ -84,8 +91,10 @@ def draw_params(n: int, cfg: AugmentConfig, g: torch.Generator) -> AugmentParams
 
     b, c, s = factor(cfg.brightness), factor(cfg.contrast), factor(cfg.saturation)
     hue = (torch.rand(n, generator=g) * 2 - 1) * cfg.hue if cfg.hue else torch.zeros(n)
-    sharp = factor(cfg.sharpness)  # drawn last: a config without it draws exactly the views it drew before
-    return AugmentParams(angle, sx, sy, b, c, s, hue, sharp)
+    # Drawn last, in the order they were added: a config without them draws exactly the views it drew before.
+    sharp = factor(cfg.sharpness)
+    jpeg = (cfg.jpeg + torch.rand(n, generator=g) * (100 - cfg.jpeg)).floor() if cfg.jpeg else torch.full((n,), 100.0)
+    return AugmentParams(angle, sx, sy, b, c, s, hue, sharp, jpeg)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
@@ -97,6 +106,24 @@ def _gaussian_blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     x = F.pad(x, (2, 2, 2, 2), mode="reflect")
     x = F.conv2d(x, k.view(1, 1, 1, 5).repeat(c, 1, 1, 1), groups=c)
     return F.conv2d(x, k.view(1, 1, 5, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """An RGB uint8 image encoded and decoded as a JPEG (OpenCV's 4:2:0, as cameras write them) at that quality."""
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError(f"JPEG encoding at quality {quality} failed")
+    return np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1])
+
+
+def _jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """Each image with quality < 100 re-encoded as a JPEG at that quality."""
+    out = x.clone()
+    for i in torch.nonzero(quality < 100).flatten().tolist():
+        rgb = (x[i].permute(1, 2, 0) * 255).round_().to(torch.uint8).numpy()
+        back = jpeg_roundtrip(rgb, int(quality[i]))
+        out[i] = torch.from_numpy(back).permute(2, 0, 1).to(x.dtype) / 255.0
+    return out
 
 
 def apply_params(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
@@ -120,7 +147,9 @@ def apply_params(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
     x = (x - gray) * col(p.saturation) + gray
     if bool((p.hue != 0).any()):
         x = _hue_shift(x, p.hue)
-    return x.clamp_(0.0, 1.0)
+    x = x.clamp_(0.0, 1.0)
+    # Last, as in a camera or an archive: the compression sees the image as it would be stored.
+    return _jpeg(x, p.jpeg) if bool((p.jpeg < 100).any()) else x
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:

@@ -38,7 +38,7 @@ def view_params(n: int, views: int, cfg: AugmentConfig, seed: int) -> AugmentPar
     draws = [draw_params(n, cfg, torch.Generator().manual_seed(seed * 1_009 + v)) for v in range(views)]
     stacked = AugmentParams(*(torch.stack([getattr(d, f) for d in draws]) for f in AugmentParams.__dataclass_fields__))
     for f, neutral in (("angle", 0.0), ("sx", 1.0), ("sy", 1.0), ("brightness", 1.0), ("contrast", 1.0),
-                       ("saturation", 1.0), ("hue", 0.0), ("sharpness", 1.0)):
+                       ("saturation", 1.0), ("hue", 0.0), ("sharpness", 1.0), ("jpeg", 100.0)):
         getattr(stacked, f)[0] = neutral
     return stacked
 

@@ -178,6 +178,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("the two phases need a non-negative number of epochs, at least one in all")
     if not 0 <= cfg.augment.sharpness <= 1:
         raise ConfigError(f"augment.sharpness must be in [0, 1] (factors 1 - s to 1 + s), not {cfg.augment.sharpness}")
+    if cfg.augment.jpeg and not 1 <= cfg.augment.jpeg <= 99:
+        raise ConfigError(f"augment.jpeg is the lowest JPEG quality, in [1, 99] (0: off), not {cfg.augment.jpeg}")
 
 
 def presets() -> list[str]:

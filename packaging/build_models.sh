@@ -56,6 +56,10 @@
 #  `fit convnext-femto-mkd convnext-hint --teachers runs/lite0-mixup-s1 runs/lite1-mixup-s1`.
 # The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
 # (INT8 fails its gate for both: docs/int8.md).
+# The next rebuild of the default (not run yet; docs/models/experiments/lite0_mixup_camera_mild/): the same three
+# commands with the presets lite0-camera and lite1-camera (mild camera augmentation), e.g.
+#  `fit lite0-camera-s1 lite0-camera --train-seed 1`, `fit lite1-camera-s1 lite1-camera --train-seed 1`,
+#  `fit lite0-camera-kd-s2 lite0-camera --train-seed 2 --teachers runs/lite0-camera-s1 runs/lite1-camera-s1`.
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]
 # Every step resumes: a stopped `fit` continues from its last epoch with --resume.
 set -euo pipefail

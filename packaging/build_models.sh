@@ -2,10 +2,14 @@
 # Reproduces the shipped models on 2 CPU cores, one training at a time (two at once halve each other, and two
 # PyTorch jobs fighting over the cores run 5x slower each):
 #   default   EfficientNet-Lite0 @192 fine-tuned from a 12-view feature bank at peak lr 3e-3 with mixup of the bank
-#             features, distilled from two mixup teachers (runs/lite0-mixup-kd-s2, ~3 h 6 min on an AVX2 CPU: the
-#             Lite0 bank 40 min in float32, the teacher Lite0 runs/lite0-mixup-s1 20 min (the default until
-#             2026-12-03), the teacher Lite1 @240 runs/lite1-mixup-s1 78 min with its bank, their targets 29 min, the
-#             student 18.5 min; the best of three seeds on validation: docs/models/experiments/lite0_mixup_kd/).
+#             features and mild camera augmentation (blur / sharpening, JPEG 60-99), distilled from two teachers trained
+#             the same way (runs/lite0-camera-kd-s2, ~2 h 7 min on an AVX-512 CPU: the Lite0 teacher
+#             runs/lite0-mixup-camera-mild-s1 31 min with its bank, the Lite1 @240 teacher runs/lite1-camera-s1 62 min
+#             with its bank, their targets 22 min, the student 12 min; docs/models/experiments/lite0_camera_kd/).
+#             The default until 2026-12-04: the same three commands with lite0-mixup / lite1-mixup, no camera
+#             augmentation (runs/lite0-mixup-kd-s2, ~3 h 6 min on an AVX2 CPU; docs/models/experiments/lite0_mixup_kd/):
+#              `fit lite0-mixup-s1 lite0-mixup --train-seed 1`, `fit lite1-mixup-s1 lite1-mixup --train-seed 1`,
+#              `fit lite0-mixup-kd-s2 lite0-mixup --train-seed 2 --teachers runs/lite0-mixup-s1 runs/lite1-mixup-s1`.
 #             The default until 2026-12-02 (second): `fit lite0-fast lite0-fast` (docs/models/experiments/lite0_fast/)
 #   convnext  ConvNeXt-Femto @160 from scratch, distilled with a feature hint (runs/convnext-femto, ~3 h 10 min:
 #             a 12-view Lite0 bank 18 min, three fold teachers runs/xfit-0..2 41 min, their targets 7 min, 2 h 1 min)
@@ -56,10 +60,6 @@
 #  `fit convnext-femto-mkd convnext-hint --teachers runs/lite0-mixup-s1 runs/lite1-mixup-s1`.
 # The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
 # (INT8 fails its gate for both: docs/int8.md).
-# The next rebuild of the default (not run yet; docs/models/experiments/lite0_mixup_camera_mild/): the same three
-# commands with the presets lite0-camera and lite1-camera (mild camera augmentation), e.g.
-#  `fit lite0-camera-s1 lite0-camera --train-seed 1`, `fit lite1-camera-s1 lite1-camera --train-seed 1`,
-#  `fit lite0-camera-kd-s2 lite0-camera --train-seed 2 --teachers runs/lite0-camera-s1 runs/lite1-camera-s1`.
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]
 # Every step resumes: a stopped `fit` continues from its last epoch with --resume.
 set -euo pipefail
@@ -80,9 +80,10 @@ fit() {  # fit RUN CONFIG [args...]: train, or continue a stopped run
 }
 
 if [ "$stage" = all ] || [ "$stage" = train ]; then
-  fit lite0-mixup-s1 lite0-mixup --train-seed 1
-  fit lite1-mixup-s1 lite1-mixup --train-seed 1
-  fit lite0-mixup-kd-s2 lite0-mixup --train-seed 2 --teachers runs/lite0-mixup-s1 runs/lite1-mixup-s1
+  # the Lite0 teacher is the camera experiment's seed-1 run: its config equals the preset lite0-camera
+  fit lite0-mixup-camera-mild-s1 lite0-camera --train-seed 1
+  fit lite1-camera-s1 lite1-camera --train-seed 1
+  fit lite0-camera-kd-s2 lite0-camera --train-seed 2 --teachers runs/lite0-mixup-camera-mild-s1 runs/lite1-camera-s1
   fit lite0-bank lite0-bank
   for f in 0 1 2; do fit xfit-$f lite0-bank --views 12 --epochs 10 --holdout $f/3; done
   fit convnext-femto convnext-hint
@@ -92,20 +93,20 @@ fi
 
 if [ "$stage" = all ] || [ "$stage" = ship ]; then
   mkdir -p build/models
-  for run in lite0-mixup-kd-s2 convnext-femto; do
+  for run in lite0-camera-kd-s2 convnext-femto; do
     $BIN/dermtrain eval runs/$run --data "$DATA" --split-name test --quiet
     $BIN/dermtrain eval runs/$run --data "$DATA" --split-name test --tta flip --quiet
     $BIN/dermconvert runs/$run --onnx build/models/$run.onnx --fp16 --data "$DATA"
   done
-  cp build/models/lite0-mixup-kd-s2.onnx engines/models/efficientnet_lite0.onnx
+  cp build/models/lite0-camera-kd-s2.onnx engines/models/efficientnet_lite0.onnx
   cp build/models/convnext-femto.onnx engines/models/convnext_femto.onnx
   # the gated FP16 files travel with them (dermconvert deletes one that fails its gate)
-  for pair in lite0-mixup-kd-s2:efficientnet_lite0 convnext-femto:convnext_femto; do
+  for pair in lite0-camera-kd-s2:efficientnet_lite0 convnext-femto:convnext_femto; do
     src=build/models/${pair%%:*}.fp16.onnx
     if [ -f "$src" ]; then cp "$src" "engines/models/${pair##*:}.fp16.onnx"; else rm -f "engines/models/${pair##*:}.fp16.onnx"; fi
   done
-  $BIN/python bench/model_card.py runs/lite0-mixup-kd-s2 build/models/lite0-mixup-kd-s2.onnx --name default \
-    --title "EfficientNet-Lite0 @ 192 px, feature-bank fine-tuning with mixup, distilled from two mixup teachers (the default model)" \
+  $BIN/python bench/model_card.py runs/lite0-camera-kd-s2 build/models/lite0-camera-kd-s2.onnx --name default \
+    --title "EfficientNet-Lite0 @ 192 px, feature-bank fine-tuning with mixup and camera augmentation, distilled from two teachers (the default model)" \
     --out docs/models/efficientnet_lite0.md --notes docs/models/notes/efficientnet_lite0.md \
     --copy-run docs/models/efficientnet_lite0/ --installed engines/models/efficientnet_lite0.onnx
   $BIN/python bench/model_card.py runs/convnext-femto build/models/convnext-femto.onnx --name convnext \
@@ -125,7 +126,7 @@ if [ "$stage" = all ] || [ "$stage" = ship ]; then
     --title "The three EfficientNet-Lite teachers in one bundle (for archive scans; built, not packaged)" \
     --out docs/models/ensemble.md --notes docs/models/notes/ensemble.md \
     --copy-run docs/models/ensemble/ --installed build/models/teachers3.onnx
-  $BIN/python bench/compare_models.py default=runs/lite0-mixup-kd-s2:build/models/lite0-mixup-kd-s2.onnx \
+  $BIN/python bench/compare_models.py default=runs/lite0-camera-kd-s2:build/models/lite0-camera-kd-s2.onnx \
     convnext=runs/convnext-femto:build/models/convnext-femto.onnx \
     ensemble=runs/teachers3-eval:build/models/teachers3.onnx --scan "$DATA/images" \
     --out docs/models/comparison.md

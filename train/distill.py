@@ -49,11 +49,14 @@ LoadedTeacher = tuple[TrainConfig, Cut, np.ndarray]
 
 
 def teacher_bank(run_dir: Path, cfg: TrainConfig, train_recs: list[Record], split_hash: str,
-                 cache_dir: Path | None, progress: bool) -> LoadedTeacher:
-    """A teacher's config, its model cut where its bank was, and its bank on the student's views (cached or built)."""
+                 cache_dir: Path | None, progress: bool, device: torch.device | None = None) -> LoadedTeacher:
+    """A teacher's config, its model cut where its bank was, and its bank on the student's views (cached or built).
+    The teacher runs on the student's device: the bank key records bf16 as that device computes it, so a teacher
+    built on a GPU is found again by a student on that GPU, and a bank build or the view logits run there."""
     from dermtrain.evaluate import load_run_model
 
     model, tcfg, tspec, state = load_run_model(run_dir)
+    model.to(device or torch.device("cpu"))
     _check_compatible(str(run_dir), tcfg, cfg, state["split_sha256"], split_hash)
     params = view_params(len(train_recs), tcfg.recipe.views, tcfg.augment, tcfg.seed)
     cut = Cut(model, tcfg.recipe.freeze_at)
@@ -68,32 +71,34 @@ def teacher_bank(run_dir: Path, cfg: TrainConfig, train_recs: list[Record], spli
 
 @torch.no_grad()
 def teacher_view_logp(run_dir: Path, cfg: TrainConfig, train_recs: list[Record], split_hash: str,
-                      cache_dir: Path | None, progress: bool, loaded: LoadedTeacher | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+                      cache_dir: Path | None, progress: bool, loaded: LoadedTeacher | None = None,
+                      device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
     """K x N x 7 log-probabilities of one teacher on the student's views (NaN on the images it does not speak for:
     a fold teacher runs on its fold only), and the N images it speaks for. `loaded`: the teacher's
     `teacher_bank`, when the caller holds it already."""
-    tcfg, cut, bank = loaded or teacher_bank(run_dir, cfg, train_recs, split_hash, cache_dir, progress)
+    tcfg, cut, bank = loaded or teacher_bank(run_dir, cfg, train_recs, split_hash, cache_dir, progress, device)
+    device = next(cut.model.parameters()).device
     mask = speaks_for(tcfg, train_recs)
     idx = np.flatnonzero(mask)
     logits = np.empty((bank.shape[0], len(idx), 7), np.float32)
     for v in tqdm(range(bank.shape[0]), desc=f"teacher {run_dir.name} on the views", unit="view", disable=not progress,
                   leave=False):
         for i in range(0, len(idx), 256):
-            f = torch.from_numpy(bank[v, idx[i:i + 256]]).float().contiguous(memory_format=torch.channels_last)
-            logits[v, i:i + 256] = cut.late(f).float().numpy()
+            f = torch.from_numpy(bank[v, idx[i:i + 256]]).to(device).float()
+            f = f.contiguous(memory_format=torch.channels_last)
+            logits[v, i:i + 256] = cut.late(f).float().cpu().numpy()
     out = np.full((bank.shape[0], bank.shape[1], 7), np.nan, np.float32)
     out[:, idx] = np.log(softmax(logits.reshape(-1, 7)).reshape(logits.shape) + 1e-12)
     return out, mask
 
 
 def teacher_targets(d: DistillConfig, cfg: TrainConfig, train_recs: list[Record], split_hash: str, run_root: Path,
-                    cache_dir: Path | None, progress: bool, loaded: dict[Path, LoadedTeacher] | None = None
-                    ) -> np.ndarray:
+                    cache_dir: Path | None, progress: bool, loaded: dict[Path, LoadedTeacher] | None = None,
+                    device: torch.device | None = None) -> np.ndarray:
     """K x N x 7 ensemble log-probabilities, kept in the run folder as teacher_logp.npz (keyed by the teachers'
     checkpoints) and in the bank cache, where another student on the same views finds them; how close they sit to
     the labels goes to teacher_targets.json. `loaded`: teachers the caller holds already (the hint's), by run
-    folder, so none is loaded twice."""
+    folder, so none is loaded twice; `device`: where the others run (the student's)."""
     dirs = [Path(t) for t in d.teachers]
     for t in dirs:
         if not (t / "best.pt").is_file():
@@ -112,7 +117,8 @@ def teacher_targets(d: DistillConfig, cfg: TrainConfig, train_recs: list[Record]
     total, count = None, np.zeros(len(train_recs))
     fitted_by_a_speaker = np.zeros(len(train_recs), bool)  # a teacher without a holdout fitted every image
     for t in dirs:
-        logp, mask = teacher_view_logp(t, cfg, train_recs, split_hash, cache_dir, progress, (loaded or {}).get(t))
+        logp, mask = teacher_view_logp(t, cfg, train_recs, split_hash, cache_dir, progress, (loaded or {}).get(t),
+                                       device)
         total = np.zeros_like(logp) if total is None else total
         total[:, mask] += np.exp(logp[:, mask])
         count += mask

@@ -211,13 +211,13 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
         from dermtrain.distill import teacher_bank
         from dermtrain.hints import FeatureHint
         first = Path(r.distill.teachers[0])
-        loaded[first] = teacher_bank(first, cfg, train_recs, split_hash, cache_dir, progress)
+        loaded[first] = teacher_bank(first, cfg, train_recs, split_hash, cache_dir, progress, device)
         hint = FeatureHint(model, r.distill.hint_at, loaded[first][2], spec.size)
     teacher = None
     if r.distill is not None:
         from dermtrain.distill import teacher_targets
         teacher = torch.from_numpy(teacher_targets(r.distill, cfg, train_recs, split_hash, run.root, cache_dir,
-                                                   progress, loaded))
+                                                   progress, loaded, device))
     del loaded  # the hint keeps the bank it needs; the teacher's model is not needed past its targets
 
     params_trainable = [p for m in inputs.trainable for p in m.parameters() if p.requires_grad]

@@ -6,7 +6,7 @@
 # and printed as the comparison table. The ONNX bundles land in build/gpu/ (to time and scan them on a clinic CPU).
 #   DERM_DATA=../shared/data/ham10000 bash bench/gpu_train.sh         (about 10 minutes on one H200: 2 + 7.5 + 1)
 # DERM_PYTHON: the interpreter that has torch and can import dermtrain (default .venv/bin/python);
-# DERM_DEVICE=cpu with DERM_FIT_ARGS="--limit 100 --epochs 1" rehearses the whole script on a CPU in a minute.
+# DERM_DEVICE=cpu with DERM_FIT_ARGS="--limit 100 --epochs 1" rehearses the whole script on a CPU in about three minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DERM_DATA:-../shared/data/ham10000}"

@@ -111,6 +111,23 @@ def test_views_are_the_same_at_any_resolution(sample_images):
     assert torch.equal(p.angle, draw_params(4, AugmentConfig(), g2).angle)
 
 
+def test_views_render_on_the_device_they_are_asked_for(sample_images):
+    """A GPU run renders each batch's views where the model is: no step may bring in a tensor from the CPU. The meta
+    device refuses CPU operands, so every step but the JPEG one (OpenCV, on the CPU by design) is checked there; on
+    the CPU, asking for the device changes nothing, and the JPEG step returns to the device it was given."""
+    x_u8, spec = _images(sample_images, 64)
+    camera = AugmentConfig(rotate_deg=20, sharpness=0.7, jpeg=60)
+    params = view_params(len(x_u8), 3, camera, seed=1).take(2)
+    cpu = make_views(x_u8, params, spec)
+    assert torch.equal(make_views(x_u8, params, spec, torch.device("cpu")), cpu)
+    no_jpeg = replace(params, jpeg=torch.full((len(x_u8),), 100.0))
+    meta = make_views(x_u8, no_jpeg, spec, torch.device("meta"))
+    assert meta.device.type == "meta" and meta.shape == cpu.shape
+    mix = draw_mix(len(x_u8), 0.2)
+    assert mix.apply(meta).device.type == "meta"
+    assert apply_dihedral(meta, draw_dihedral(len(x_u8))).device.type == "meta"
+
+
 def _detail(x: torch.Tensor) -> torch.Tensor:
     """Per-image energy of the Laplacian: how much fine detail a batch of views keeps."""
     lap = x[..., 1:-1, 2:] + x[..., 1:-1, :-2] + x[..., 2:, 1:-1] + x[..., :-2, 1:-1] - 4 * x[..., 1:-1, 1:-1]

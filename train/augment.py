@@ -60,7 +60,7 @@ def _hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
     m = to_rgb @ rot @ to_yiq  # N x 3 x 3
-    return torch.einsum("nij,njhw->nihw", m.to(x.dtype), x)
+    return torch.einsum("nij,njhw->nihw", m.to(x.device, x.dtype), x)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def draw_params(n: int, cfg: AugmentConfig, g: torch.Generator) -> AugmentParams
 
 def _gaussian_blur(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
     """Each channel blurred by a separable 5-tap Gaussian, edges reflected."""
-    t = torch.arange(-2, 3, dtype=x.dtype)
+    t = torch.arange(-2, 3, dtype=x.dtype, device=x.device)
     k = torch.exp(-t * t / (2 * sigma * sigma))
     k = k / k.sum()
     c = x.shape[1]
@@ -120,21 +120,23 @@ def _jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     """Each image with quality < 100 re-encoded as a JPEG at that quality."""
     out = x.clone()
     for i in torch.nonzero(quality < 100).flatten().tolist():
-        rgb = (x[i].permute(1, 2, 0) * 255).round_().to(torch.uint8).numpy()
-        back = jpeg_roundtrip(rgb, int(quality[i]))
-        out[i] = torch.from_numpy(back).permute(2, 0, 1).to(x.dtype) / 255.0
+        rgb = (x[i].permute(1, 2, 0) * 255).round_().to(torch.uint8).cpu().numpy()
+        back = jpeg_roundtrip(rgb, int(quality[i]))  # OpenCV: on the CPU, whatever device x is on
+        out[i] = torch.from_numpy(back).to(x.device).permute(2, 0, 1).to(x.dtype) / 255.0
     return out
 
 
 def apply_params(x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
-    """float N x 3 x H x W in [0, 1] -> the views the parameters describe, same shape, still in [0, 1]."""
+    """float N x 3 x H x W in [0, 1] -> the views the parameters describe, same shape, still in [0, 1]. x may be
+    on any device (the parameters stay on the CPU, where the choices below read them); only the JPEG step runs on
+    the CPU."""
     n = x.shape[0]
-    col = lambda t: t.to(x.dtype).view(n, 1, 1, 1)  # noqa: E731
+    col = lambda t: t.to(x.device, x.dtype).view(n, 1, 1, 1)  # noqa: E731
     if bool((p.angle != 0).any() or (p.sx != 1).any() or (p.sy != 1).any()):
         cos, sin = torch.cos(p.angle), torch.sin(p.angle)
         theta = torch.stack([torch.stack([cos * p.sx, -sin * p.sy, torch.zeros(n)], 1),
                              torch.stack([sin * p.sx, cos * p.sy, torch.zeros(n)], 1)], 1)
-        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
         # Reflection keeps the skin texture at the corners instead of black wedges the model could learn.
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if bool((p.sharpness != 1).any()):
@@ -168,7 +170,7 @@ def draw_dihedral(n: int) -> torch.Tensor:
 def apply_dihedral(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """The symmetries `bits` (from draw_dihedral) applied to a batch of images or of feature maps alike, so that a
     teacher's spatial features follow the student's view. The transpose applies only when H == W."""
-    b = bits.view(3, -1, 1, 1, 1)
+    b = bits.to(x.device).view(3, -1, 1, 1, 1)
     x = torch.where(b[0], x.flip(3), x)
     x = torch.where(b[1], x.flip(2), x)
     if x.shape[2] == x.shape[3]:
@@ -190,10 +192,10 @@ class Mix:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.box is None:
-            return x * self.lam + x[self.partner] * (1 - self.lam)
+            return x * self.lam + x[self.partner.to(x.device)] * (1 - self.lam)
         t, left, h, w = self.box
         out = x.clone()
-        out[:, :, t:t + h, left:left + w] = x[self.partner, :, t:t + h, left:left + w]
+        out[:, :, t:t + h, left:left + w] = x[self.partner.to(x.device), :, t:t + h, left:left + w]
         return out
 
 
@@ -233,6 +235,6 @@ def draw_batch_mix(n: int, mixup: float, cutmix: float, height: int, width: int)
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s

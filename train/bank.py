@@ -43,9 +43,13 @@ def view_params(n: int, views: int, cfg: AugmentConfig, seed: int) -> AugmentPar
     return stacked
 
 
-def make_views(images_u8: np.ndarray, params: AugmentParams, spec: PreprocessSpec) -> torch.Tensor:
-    """Normalised float32 N x 3 x H x W views of cached uint8 images, one parameter set per image."""
-    x = apply_params(to_float_nchw(torch.from_numpy(np.ascontiguousarray(images_u8))), params)
+def make_views(images_u8: np.ndarray, params: AugmentParams, spec: PreprocessSpec,
+               device: torch.device | None = None) -> torch.Tensor:
+    """Normalised float32 N x 3 x H x W views of cached uint8 images, one parameter set per image, rendered on
+    `device` (default the CPU): the uint8 images travel, a quarter of the float bytes, and a GPU is not left
+    waiting for the CPU to rotate and colour every batch."""
+    u8 = torch.from_numpy(np.ascontiguousarray(images_u8))
+    x = apply_params(to_float_nchw(u8 if device is None else u8.to(device)), params)
     return torch_normalize(x, spec.mean, spec.std)
 
 
@@ -75,9 +79,9 @@ def early_features(cut: Cut, images_u8: np.ndarray, params: AugmentParams | None
     for i in tqdm(range(0, len(images_u8), batch), desc=desc, unit="batch", disable=not progress, leave=False):
         sl = slice(i, i + batch)
         if params is None:
-            x = torch_normalize(to_float_nchw(torch.from_numpy(images_u8[sl])), spec.mean, spec.std)
+            x = torch_normalize(to_float_nchw(torch.from_numpy(images_u8[sl]).to(device)), spec.mean, spec.std)
         else:
-            x = make_views(images_u8[sl], params.take(sl), spec)
+            x = make_views(images_u8[sl], params.take(sl), spec, device)
         with amp:
             f = cut.early(x.to(device).contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
         if out is None:

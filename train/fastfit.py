@@ -158,7 +158,8 @@ def bank_inputs(model: nn.Module, cfg: TrainConfig, spec, train_images: Images, 
 def view_inputs(model: nn.Module, cfg: TrainConfig, spec, train_x, val_x, params: AugmentParams,
                 device: torch.device) -> Inputs:
     def batch(idx, v):
-        return _dev(make_views(train_x[idx], params.take((torch.from_numpy(v), torch.from_numpy(idx))), spec), device)
+        return _dev(make_views(train_x[idx], params.take((torch.from_numpy(v), torch.from_numpy(idx))), spec, device),
+                    device)
 
     return Inputs(batch=batch, forward=lambda net, x: net(x),
                   val_logits=lambda net: predict_logits(net, val_x, spec, device, cfg.eval_batch_size, None, True),

@@ -83,7 +83,7 @@ def early_features(cut: Cut, images_u8: np.ndarray, params: AugmentParams | None
         else:
             x = make_views(images_u8[sl], params.take(sl), spec, device)
         with amp:
-            f = cut.early(x.to(device).contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
+            f = cut.early(x.contiguous(memory_format=torch.channels_last)).float().cpu().numpy()
         if out is None:
             out = np.empty((len(images_u8), *f.shape[1:]), np.float16)
         out[sl] = f

@@ -274,7 +274,7 @@ def fit_fast(cfg: TrainConfig, data_dir: Path, split_path: Path, run: RunFiles, 
             x = inputs.batch(idx, v)
             bits = draw_dihedral(len(idx)) if r.dihedral else None
             if bits is not None:
-                x = apply_dihedral(x, bits.to(x.device))
+                x = apply_dihedral(x, bits)
             mix = draw_batch_mix(len(idx), r.mixup, r.cutmix, *x.shape[2:])
             if mix is not None:
                 x = mix.apply(x)

@@ -57,5 +57,5 @@ class FeatureHint(nn.Module):
         t = torch.from_numpy(self.bank[views, idx]).to(self.mean.device).float()
         t = F.adaptive_avg_pool2d((t - self.mean) / self.std, self.grid)
         if bits is not None:
-            t = apply_dihedral(t, bits.to(t.device))
+            t = apply_dihedral(t, bits)
         return F.mse_loss(self.proj(features.float()), t)

@@ -14,6 +14,16 @@ PROVIDER_ALIASES = {
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+# ONNX Runtime lets CUDA round FP32 convolutions and matmuls to TF32 on Ampere and newer GPUs by default. With that
+# default the FP32 default model on an H200 moved melanoma scores by up to 0.0035 against the CPU and flipped 2 of 512
+# flags lying near the threshold (docs/models/experiments/gpu_h200/): an FP32 bundle runs in FP32, as its gate
+# measured it.
+PROVIDER_OPTIONS = {"CUDAExecutionProvider": {"use_tf32": "0"}}
+
+
+def session_providers(names: list[str]) -> list[str | tuple[str, dict[str, str]]]:
+    """ONNX Runtime's providers argument: each name, with its options where it has some."""
+    return [(n, PROVIDER_OPTIONS[n]) if n in PROVIDER_OPTIONS else n for n in names]
 
 
 def import_ort():
@@ -85,7 +95,7 @@ class OrtEngine(Engine):
         for name, size in (fixed or {}).items():
             opts.add_free_dimension_override_by_name(name, size)
         try:
-            return ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+            return ort.InferenceSession(str(self.path), sess_options=opts, providers=session_providers(providers))
         except Exception as e:  # noqa: BLE001 - ORT raises several types for a bad file
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BundleError(f"{self.path}: not a loadable ONNX model ({first[:200]})") from None

@@ -232,6 +232,21 @@ def test_one_image_engine_fixes_the_batch_and_gives_the_same_predictions(sample_
     assert [x.melanoma_flag for x in a] == [x.melanoma_flag for x in b]
 
 
+def test_cuda_sessions_are_asked_for_fp32_not_tf32():
+    """ONNX Runtime's CUDA provider rounds FP32 convolutions to TF32 unless told not to; on an H200 that default
+    flipped melanoma flags near the threshold. Every CUDA session gets the option; a CPU session, in the same form,
+    still opens."""
+    import onnxruntime as ort
+    from engines.onnx_backend import PROVIDER_ALIASES, session_providers
+    assert session_providers(PROVIDER_ALIASES["cuda"]) == [("CUDAExecutionProvider", {"use_tf32": "0"}),
+                                                           "CPUExecutionProvider"]
+    trt = session_providers(PROVIDER_ALIASES["ort-trt"])
+    assert trt[0] == "TensorrtExecutionProvider" and trt[1][1]["use_tf32"] == "0"
+    from engines.select import default_model
+    sess = ort.InferenceSession(str(default_model()), providers=session_providers(PROVIDER_ALIASES["cpu"]))
+    assert sess.get_providers() == ["CPUExecutionProvider"]
+
+
 def test_dermbench_prints_every_figure(real_folder, tiny_onnx):
     r = subprocess.run([sys.executable, "-m", "engines.bench", str(real_folder), "--model", str(tiny_onnx), "--limit",
                         "8", "--batch", "4"], capture_output=True, text=True, timeout=300)

@@ -128,6 +128,22 @@ def test_views_render_on_the_device_they_are_asked_for(sample_images):
     assert apply_dihedral(meta, draw_dihedral(len(x_u8))).device.type == "meta"
 
 
+def test_bank_rows_are_gathered_where_training_runs(monkeypatch):
+    """A step's bank rows: copied from host memory on the CPU (the very rows numpy picks), gathered from a bank
+    held on the device elsewhere; the meta device takes the resident path without a GPU, and the resident path
+    forced on the CPU picks the same rows."""
+    import dermtrain.bank
+    from dermtrain.bank import bank_rows
+    bank = np.random.default_rng(0).standard_normal((3, 10, 4, 2, 2)).astype(np.float16)
+    idx, v = np.array([7, 0, 7, 3]), np.array([2, 0, 1, 2])
+    cpu = bank_rows(bank, torch.device("cpu"))(idx, v)
+    assert cpu.dtype == torch.float16 and np.array_equal(cpu.numpy(), bank[v, idx])
+    meta = bank_rows(bank, torch.device("meta"))(idx, v)
+    assert meta.device.type == "meta" and meta.shape == cpu.shape and meta.dtype == torch.float16
+    monkeypatch.setattr(dermtrain.bank, "_fits", lambda nbytes, device: True)
+    assert torch.equal(bank_rows(bank, torch.device("cpu"))(idx, v), cpu)
+
+
 def _detail(x: torch.Tensor) -> torch.Tensor:
     """Per-image energy of the Laplacian: how much fine detail a batch of views keeps."""
     lap = x[..., 1:-1, 2:] + x[..., 1:-1, :-2] + x[..., 2:, 1:-1] + x[..., :-2, 1:-1] - 4 * x[..., 1:-1, 1:-1]

@@ -28,6 +28,8 @@ BANK_VERSION = 1  # bump when what a bank holds changes: every cached bank is th
 
 # The uint8 training images, decoded only when a bank has to be built: a cached bank needs none of their pixels.
 Images = Callable[[], np.ndarray]
+# (image indices, view indices) -> those rows of a bank as a float16 tensor on the training device.
+Rows = Callable[[np.ndarray, np.ndarray], torch.Tensor]
 
 
 def view_params(n: int, views: int, cfg: AugmentConfig, seed: int) -> AugmentParams:
@@ -126,3 +128,21 @@ def build_bank(cut: Cut, images: Images, params: AugmentParams, spec: Preprocess
             with open(tmp, "wb") as fh:
                 np.save(fh, bank)
     return bank
+
+
+def bank_rows(bank: np.ndarray, device: torch.device) -> Rows:
+    """A step's rows of `bank` on `device`. On a GPU with room for it (a quarter of its free memory) the whole bank
+    moves there once and each step gathers in device memory; otherwise, and on the CPU, each step copies its rows
+    from host memory. The H200 runs gathered on the host and kept the GPU 15-60% busy
+    (docs/models/experiments/gpu_h200/)."""
+    if _fits(bank.nbytes, device):
+        resident = torch.from_numpy(np.ascontiguousarray(bank)).to(device)
+        return lambda idx, v: resident[torch.as_tensor(v, device=device), torch.as_tensor(idx, device=device)]
+    return lambda idx, v: torch.from_numpy(bank[v, idx]).to(device)
+
+
+def _fits(nbytes: int, device: torch.device) -> bool:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return nbytes < free // 4
+    return device.type == "meta"  # holds no data: lets a test see the resident path run without a GPU

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dermtrain.augment import AugmentParams, apply_dihedral, draw_batch_mix, draw_dihedral
-from dermtrain.bank import Images, bank_for, early_features, make_views, view_params
+from dermtrain.bank import Images, bank_for, bank_rows, early_features, make_views, view_params
 from dermtrain.cache import build_cache, labels_of
 from dermtrain.config import Recipe, TrainConfig
 from dermtrain.data import load_records
@@ -151,7 +151,8 @@ def bank_inputs(model: nn.Module, cfg: TrainConfig, spec, train_images: Images, 
                for i in range(0, len(val_feats), 256)]
         return np.concatenate(out)
 
-    return Inputs(batch=lambda idx, v: _dev(torch.from_numpy(bank[v, idx]).float(), device), forward=late,
+    rows = bank_rows(bank, device)
+    return Inputs(batch=lambda idx, v: _dev(rows(idx, v).float(), device), forward=late,
                   val_logits=val_logits, trainable=cut.late_modules(), bank_seconds=seconds)
 
 

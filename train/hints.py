@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dermtrain.augment import apply_dihedral
+from dermtrain.bank import bank_rows
 from dermtrain.stages import Cut
 
 
@@ -35,7 +36,7 @@ class FeatureHint(nn.Module):
 
     def __init__(self, student: nn.Module, at: int, bank: np.ndarray, img_size: int):
         super().__init__()
-        self.cut, self.bank = Cut(student, at), bank
+        self.cut = Cut(student, at)
         device = next(student.parameters()).device
         was_training = student.training
         student.eval()  # the probe must not draw drop-path masks from the global generator
@@ -47,6 +48,7 @@ class FeatureHint(nn.Module):
         mean, std = channel_stats(bank[0])
         self.register_buffer("mean", mean.view(1, -1, 1, 1).to(device))
         self.register_buffer("std", std.view(1, -1, 1, 1).to(device))
+        self.rows = bank_rows(bank, device)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.cut.early(x)
@@ -54,7 +56,7 @@ class FeatureHint(nn.Module):
 
     def loss(self, features: torch.Tensor, idx: np.ndarray, views: np.ndarray, bits: torch.Tensor | None
              ) -> torch.Tensor:
-        t = torch.from_numpy(self.bank[views, idx]).to(self.mean.device).float()
+        t = self.rows(idx, views).float()
         t = F.adaptive_avg_pool2d((t - self.mean) / self.std, self.grid)
         if bits is not None:
             t = apply_dihedral(t, bits)

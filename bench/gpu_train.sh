@@ -31,8 +31,7 @@ fi
 stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
 fit() {  # fit OUT ARGS...: a new run, or the rest of an interrupted one
   local out=$1; shift
-  local resume=(); [[ -f $RUNS/$out/last.pt ]] && resume=(--resume)
-  $PY -m dermtrain.cli fit --device "$DEVICE" --data "$DATA" --split $SPLIT --out "$RUNS/$out" "$@" "${resume[@]}" \
+  $PY -m dermtrain.cli fit --device "$DEVICE" --data "$DATA" --split $SPLIT --out "$RUNS/$out" --continue "$@" \
     "${EXTRA[@]}"
 }
 

@@ -61,7 +61,7 @@
 # The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
 # (INT8 fails its gate for both: docs/int8.md).
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]
-# Every step resumes: a stopped `fit` continues from its last epoch with --resume.
+# Every step resumes: a stopped `fit` continues from its last epoch (`--continue`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${DERM_DATA:-../shared/data/ham10000}"
@@ -72,11 +72,7 @@ stage="${1:-all}"
 fit() {  # fit RUN CONFIG [args...]: train, or continue a stopped run
   local run=$1 config=$2
   shift 2
-  if [ -f "runs/$run/last.pt" ]; then
-    $BIN/dermtrain fit --config "$config" --data "$DATA" --split $SPLIT --out "runs/$run" --resume "$@"
-  else
-    $BIN/dermtrain fit --config "$config" --data "$DATA" --split $SPLIT --out "runs/$run" "$@"
-  fi
+  $BIN/dermtrain fit --config "$config" --data "$DATA" --split $SPLIT --out "runs/$run" --continue "$@"
 }
 
 if [ "$stage" = all ] || [ "$stage" = train ]; then

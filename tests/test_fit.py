@@ -55,6 +55,29 @@ def test_resume_continues_exactly(data_dir, split_csv, tmp_path):
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
 
 
+def test_continue_starts_a_run_then_resumes_it_and_a_finished_run_trains_nothing(data_dir, split_csv, tmp_path,
+                                                                                 capsys):
+    """`--continue` is what scripts that are run again after a stop pass: no run yet, it starts one; a stopped run, it
+    resumes it; a finished run, it trains nothing. Without it a second `fit` into the folder still refuses."""
+    from dermtrain.cli import main
+    out = tmp_path / "run"
+    args = ["fit", "--config", "cpu", "--model", "test_convnext", "--img-size", "64", "--limit", "48",
+            "--batch-size", "16", "--epochs-tune", "0", "--threads", "1", "--data", str(data_dir),
+            "--split", str(split_csv), "--out", str(out), "--quiet"]
+
+    def epochs() -> list[int]:
+        return [h["epoch"] for h in json.loads((out / "history.json").read_text())]
+
+    assert main([*args, "--epochs-head", "1", "--continue"]) == 0 and epochs() == [1]
+    assert main([*args, "--epochs-head", "2", "--continue"]) == 0 and epochs() == [1, 2]
+    before = (out / "last.pt").read_bytes()
+    assert main([*args, "--epochs-head", "2", "--continue"]) == 0 and epochs() == [1, 2]
+    assert (out / "last.pt").read_bytes() == before
+    capsys.readouterr()
+    assert main([*args, "--epochs-head", "2"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
 def test_two_process_gloo_ddp_run(data_dir, split_csv, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",

@@ -50,7 +50,7 @@ def cmd_split(a) -> int:
 def cmd_fit(a) -> int:
     from dermtrain.config import load_config, with_overrides
     from dermtrain.data import resolve_data_dir
-    from dermtrain.fit import fit
+    from dermtrain.fit import RunFiles, fit
 
     cfg = with_overrides(load_config(a.config), model=a.model, img_size=a.img_size, limit=a.limit,
                          epochs_head=a.epochs_head, epochs_tune=a.epochs_tune, init=a.init,
@@ -58,7 +58,8 @@ def cmd_fit(a) -> int:
                          threads=a.threads, sampling=a.sampling, epochs=a.epochs, views=a.views,
                          freeze_at=a.freeze_at, holdout=a.holdout, train_seed=a.train_seed,
                          teachers=tuple(a.teachers) if a.teachers else None)
-    res = fit(cfg, resolve_data_dir(a.data), Path(a.split), Path(a.out), resume=a.resume, progress=not a.quiet,
+    resume = a.resume or (a.continue_run and RunFiles(Path(a.out)).last.exists())
+    res = fit(cfg, resolve_data_dir(a.data), Path(a.split), Path(a.out), resume=resume, progress=not a.quiet,
               device=a.device)
     if res["history"]:
         print(f"done: best validation balanced accuracy {res['best_balanced_acc']:.4f}; run folder {a.out}")
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--seed also fixes the views, which a student shares with its teachers")
     p.add_argument("--device", default="auto", help="fast path: auto (CUDA when torch sees one), cpu, cuda, cuda:N")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--continue", dest="continue_run", action="store_true",
+                   help="start the run, or continue it if --out already holds it (scripts that are run again after "
+                        "a stop; a finished run trains nothing)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_fit)
 

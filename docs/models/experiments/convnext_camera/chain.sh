@@ -1,12 +1,11 @@
 # The experiment's chain: the three camera fold teachers, then the student; each step a new run or the rest of a
-# stopped one (`--resume` on a finished run trains nothing). Run from anywhere: bash .../convnext_camera/chain.sh
+# stopped one (`--continue`; on a finished run it trains nothing). Run from anywhere: bash .../convnext_camera/chain.sh
 set -e
 cd "$(dirname "$0")/../../../.."
 D="${DERM_DATA:-../shared/data/ham10000}"; S=splits/ham10000_seed0.csv
 fit() {  # fit OUT ARGS...
   local out=$1; shift
-  local resume=(); [ -f "runs/$out/last.pt" ] && resume=(--resume)
-  .venv/bin/dermtrain fit --split $S --data "$D" --out "runs/$out" "$@" "${resume[@]}" > "runs/$out.log" 2>&1
+  .venv/bin/dermtrain fit --split $S --data "$D" --out "runs/$out" --continue "$@" > "runs/$out.log" 2>&1
 }
 for F in 0 1 2; do
   fit "xfit-camera-$F" --config lite0-camera --train-seed 1 --holdout "$F/3"

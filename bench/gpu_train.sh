@@ -11,6 +11,7 @@
 # fitted every training image; this version is what it pointed to.
 # DERM_PYTHON: the interpreter that has torch and can import dermtrain (default .venv/bin/python);
 # DERM_STUDENT_SIZE: the student's input size (default 224; 160 repeats the shipped recipe exactly);
+# DERM_STUDENT_EPOCHS: the student's epochs (default 30, the shipped recipe's);
 # DERM_DEVICE=cpu with DERM_FIT_ARGS="--limit 100 --epochs 1" rehearses the whole script on a CPU in minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,10 +20,12 @@ SPLIT=splits/ham10000_seed0.csv
 PY="${DERM_PYTHON:-.venv/bin/python}"
 DEVICE="${DERM_DEVICE:-cuda}"
 SIZE="${DERM_STUDENT_SIZE:-224}"
+EPOCHS="${DERM_STUDENT_EPOCHS:-30}"
 read -r -a EXTRA <<< "${DERM_FIT_ARGS:-}"
 export DERM_CACHE="${DERM_CACHE:-$PWD/.cache}"
 RUNS="${DERM_RUNS:-runs}"
 STUDENT="gpu-convnext-$SIZE"
+[ "$EPOCHS" = 30 ] || STUDENT="$STUDENT-e$EPOCHS"
 
 if [[ $DEVICE == cuda* ]]; then
   $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible to torch')"
@@ -41,8 +44,8 @@ for F in 0 1 2; do
   fit "gpu-xfit-$F" --config lite0-bank --views 12 --epochs 10 --holdout "$F/3"
   teachers+=("$RUNS/gpu-xfit-$F")
 done
-stamp "student: ConvNeXt-Femto @$SIZE, 30 epochs, cross-fitted targets and the feature hint"
-fit "$STUDENT" --config convnext-hint --img-size "$SIZE" --epochs 30 --teachers "${teachers[@]}"
+stamp "student: ConvNeXt-Femto @$SIZE, $EPOCHS epochs, cross-fitted targets and the feature hint"
+fit "$STUDENT" --config convnext-hint --img-size "$SIZE" --epochs "$EPOCHS" --teachers "${teachers[@]}"
 mkdir -p build/gpu
 stamp "test split and ONNX bundle: $STUDENT"
 $PY -m dermtrain.cli eval "$RUNS/$STUDENT" --data "$DATA" --split-name test --quiet

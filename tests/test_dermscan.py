@@ -54,6 +54,7 @@ def test_scan_writes_csv_isic_and_html(real_folder, tiny_onnx, tmp_path, sample_
     assert "Decision support, not a diagnosis" in page and page.count("data:image/jpeg;base64,") == len(rows)
     assert "melanoma suspects" in page and "<script>" in page
     assert "classified" in r.stdout.splitlines()[-1]
+    assert not list(tmp_path.glob(".*lock")), "a finished scan leaves no lock file beside its reports"
 
 
 def test_the_flag_reads_the_bundles_own_melanoma_score(real_folder, tiny_onnx, tmp_path):

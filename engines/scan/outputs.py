@@ -86,8 +86,9 @@ def _check_writable(path: Path) -> None:
 
 
 class OutputLock:
-    """An exclusive, non-blocking lock beside the results file (`.NAME.lock`, holding the owner's pid). The kernel
-    drops it when the process dies, so a killed scan never leaves a stale lock."""
+    """An exclusive, non-blocking lock beside the results file (`.NAME.lock`, holding the owner's pid), removed when
+    the scan ends so a clinic's report folder keeps only its reports. The kernel drops the lock when the process
+    dies, so a killed scan's leftover file never blocks the next one."""
 
     def __init__(self, target: Path):
         self.target = target
@@ -95,28 +96,52 @@ class OutputLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "OutputLock":
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise OutputError(f"{self.target}: cannot write here ({e.strerror or e})") from None
-        if not _try_lock(fd):
-            try:
-                pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            finally:
-                os.close(fd)
-            raise OutputError(f"{self.target}: another dermscan (pid {pid}) is writing it; wait for it to "
-                              f"finish or pick another --out")
+        for _ in range(10):
+            fd = self._open()
+            if not _try_lock(fd):
+                try:
+                    pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                finally:
+                    os.close(fd)
+                raise OutputError(f"{self.target}: another dermscan (pid {pid}) is writing it; wait for it to "
+                                  f"finish or pick another --out")
+            if self._names(fd):
+                break
+            # The scan before this one removed the file between our open and our lock: lock the new one.
+            _unlock(fd)
+            os.close(fd)
+        else:
+            raise OutputError(f"{self.target}: could not lock {self.path.name}: it keeps being replaced")
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.fd is not None:
-            _unlock(self.fd)
-            os.close(self.fd)
-            self.fd = None
+        if self.fd is None:
+            return
+        try:  # removed while still held, so no one locks a file that is about to disappear
+            self.path.unlink()
+        except OSError:
+            pass  # Windows does not remove an open file: it stays, and the next scan locks it again
+        _unlock(self.fd)
+        os.close(self.fd)
+        self.fd = None
+
+    def _open(self) -> int:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputError(f"{self.target}: cannot write here ({e.strerror or e})") from None
+
+    def _names(self, fd: int) -> bool:
+        """Whether the lock file's path still names the file this descriptor holds."""
+        try:
+            held, named = os.fstat(fd), os.stat(self.path)
+        except OSError:
+            return False
+        return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
 
 
 try:

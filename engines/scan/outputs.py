@@ -136,7 +136,10 @@ class OutputLock:
             raise OutputError(f"{self.target}: cannot write here ({e.strerror or e})") from None
 
     def _names(self, fd: int) -> bool:
-        """Whether the lock file's path still names the file this descriptor holds."""
+        """Whether the lock file's path still names the file this descriptor holds. Windows removes no open file,
+        so there it always does (and its inode numbers are not to be relied on)."""
+        if os.name == "nt":
+            return True
         try:
             held, named = os.fstat(fd), os.stat(self.path)
         except OSError:

@@ -58,6 +58,10 @@
 #  `fit lite0-mixup-kd18-s2 lite0-mixup --epochs 18 --train-seed 2 --teachers runs/lite0-mixup-s1 runs/lite1-mixup-s1`.
 # The shipped convnext's preset from those two teachers (63.2%, not shipped; docs/models/experiments/convnext_femto_mkd/):
 #  `fit convnext-femto-mkd convnext-hint --teachers runs/lite0-mixup-s1 runs/lite1-mixup-s1`.
+# The default's student from four camera teachers (73.3% over 4-9 against 74.3% on seed 2: rejected;
+# docs/models/experiments/lite0_kd4/): `fit lite0-mixup-camera-mild-s0 lite0-camera --train-seed 0` (and s2, seed 2), then
+# `fit lite0-kd4-s2 lite0-camera --train-seed 2 --teachers runs/lite0-mixup-camera-mild-s0
+# runs/lite0-mixup-camera-mild-s1 runs/lite0-mixup-camera-mild-s2 runs/lite1-camera-s1`.
 # The FP16 files of both shipped models are gated by `dermconvert derive engines/models/M.onnx --fp16 --int8 ...`
 # (INT8 fails its gate for both: docs/int8.md).
 #   DERM_DATA=../shared/data/ham10000 bash packaging/build_models.sh [train|ship]

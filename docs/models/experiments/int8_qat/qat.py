@@ -1,0 +1,145 @@
+"""Quantization-aware fine-tuning of a run's weights for `dermconvert --int8` (an experiment, not project code).
+
+Every convolution's weight is seen through the quantizer ONNX Runtime will apply to it: folded with the BatchNorm
+after it (frozen, eval mode), per output channel, symmetric, 7 bits (scale = max|w| / 63, the `--int8` form), with
+a straight-through gradient; the classifier alike. The network learns, from the FP32 model's own logits (mean
+squared error) on the training images (random flips), weights that survive that rounding; they are then written
+back on the grid exactly, so ONNX Runtime's quantizer reproduces them and only the activations are left to
+calibration. Written as a run folder copy (best.pt replaced), for `dermconvert RUN --onnx M.onnx --int8`.
+
+    python docs/models/experiments/int8_qat/qat.py runs/lite0-camera-kd-s2 runs/lite0-camera-kd-s2-qat \
+        --data $DERM_DATA --epochs 2
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from dermtrain.cache import build_cache
+from dermtrain.data import load_records
+from dermtrain.evaluate import load_run_model
+from dermtrain.fit import save_checkpoint
+from dermtrain.splits import read_manifest, select
+from engines.preprocess import normalize
+
+QMAX = 63.0  # 7-bit symmetric weights, as convert/int8.py asks ONNX Runtime for (reduce_range)
+
+
+def fake_quant(w: torch.Tensor) -> torch.Tensor:
+    """Per output channel symmetric rounding to QMAX levels, straight-through gradient."""
+    dims = tuple(range(1, w.dim()))
+    scale = w.detach().abs().amax(dim=dims, keepdim=True).clamp_min(1e-12) / QMAX
+    q = torch.clamp(torch.round(w / scale), -QMAX - 1, QMAX) * scale
+    return w + (q - w).detach()
+
+
+class FoldedQuant(nn.Module):
+    """weight -> fake_quant(weight x s) / s, s the per-channel factor the following BatchNorm folds in."""
+
+    def __init__(self, fold: torch.Tensor):
+        super().__init__()
+        self.register_buffer("fold", fold)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        s = self.fold.view(-1, *([1] * (w.dim() - 1)))
+        return fake_quant(w * s) / s
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module | None]]:
+    """Each convolution with the BatchNorm that follows it in module order (None for the classifier)."""
+    mods = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+    pairs = []
+    for i, m in enumerate(mods):
+        if isinstance(m, nn.Conv2d):
+            bn = mods[i + 1] if i + 1 < len(mods) and isinstance(mods[i + 1], nn.BatchNorm2d) else None
+            pairs.append((m, bn))
+        elif isinstance(m, nn.Linear):
+            pairs.append((m, None))
+    return pairs
+
+
+def fold_factor(conv: nn.Module, bn: nn.Module | None) -> torch.Tensor:
+    if bn is None:
+        return torch.ones(conv.weight.shape[0])
+    return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().clone()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("run", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    torch.manual_seed(a.seed)
+    rng = np.random.default_rng(a.seed)
+
+    model, cfg, spec, state = load_run_model(a.run)
+    teacher = copy.deepcopy(model).eval()
+    pairs = conv_bn_pairs(model)
+    for conv, bn in pairs:
+        parametrize.register_parametrization(conv, "weight", FoldedQuant(fold_factor(conv, bn)))
+    for prm in model.parameters():
+        prm.requires_grad_(False)
+    trainable = []
+    for conv, _ in pairs:
+        orig = conv.parametrizations.weight.original
+        orig.requires_grad_(True)
+        trainable.append(orig)
+    print(f"{len(pairs)} weights fake-quantized (7-bit, folded with their BatchNorm)")
+
+    rows = read_manifest(a.run / "split.csv")
+    recs = select(rows, load_records(a.data), "train")
+    images, _ = build_cache(recs, spec, "caching train")
+    opt = torch.optim.AdamW(trainable, lr=a.lr, weight_decay=0.0)
+    steps = a.epochs * (len(images) // a.batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    model.eval()  # BatchNorm statistics frozen: the fold the quantizer sees must be the exported one
+    t0, step = time.time(), 0
+    for epoch in range(a.epochs):
+        order = rng.permutation(len(images))
+        run_loss = 0.0
+        for b in range(len(images) // a.batch):
+            idx = np.sort(order[b * a.batch:(b + 1) * a.batch])
+            x = images[idx]
+            if rng.random() < 0.5:
+                x = x[:, :, ::-1]
+            if rng.random() < 0.5:
+                x = x[:, ::-1]
+            xt = torch.from_numpy(normalize(np.ascontiguousarray(x), spec)).contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                target = teacher(xt)
+            loss = nn.functional.mse_loss(model(xt), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            run_loss += loss.item()
+            if step % 20 == 0:
+                print(f"epoch {epoch + 1} step {step}/{steps}: loss {run_loss / (b + 1):.4f} "
+                      f"({step * a.batch / (time.time() - t0):.1f} img/s)", flush=True)
+
+    for conv, _ in pairs:  # the weights written back on the grid: exactly what the quantizer will find
+        parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    for f in a.run.iterdir():
+        if f.is_file() and f.suffix != ".pt":
+            shutil.copy(f, a.out / f.name)
+    save_checkpoint(a.out / "best.pt", {**state, "model": model.state_dict()})
+    print(f"wrote {a.out / 'best.pt'} after {steps} steps in {(time.time() - t0) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,10 @@ after it (frozen, eval mode), per output channel, symmetric, 7 bits (scale = max
 a straight-through gradient; the classifier alike. The network learns, from the FP32 model's own logits (mean
 squared error) on the training images (random flips), weights that survive that rounding; they are then written
 back on the grid exactly, so ONNX Runtime's quantizer reproduces them and only the activations are left to
-calibration. Written as a run folder copy (best.pt replaced), for `dermconvert RUN --onnx M.onnx --int8`.
+calibration. With --activations the activations are rounded too, where ONNX Runtime's QDQ graph rounds them (the
+input, every BatchNorm's output after its ReLU6, every block's output after its residual add, the pooled features):
+uint8, asymmetric, ranges from the min / max over 512 training images as its MinMax calibration takes them, frozen.
+Written as a run folder copy (best.pt replaced), for `dermconvert RUN --onnx M.onnx --int8`.
 
     python docs/models/experiments/int8_qat/qat.py runs/lite0-camera-kd-s2 runs/lite0-camera-kd-s2-qat \
         --data $DERM_DATA --epochs 2
@@ -53,6 +56,43 @@ class FoldedQuant(nn.Module):
         return fake_quant(w * s) / s
 
 
+class ActQuant:
+    """Forward hooks that round a module's output (or the stem's input) to uint8 over a calibrated range."""
+
+    def __init__(self):
+        self.lo, self.hi, self.observing = float("inf"), float("-inf"), True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.lo, self.hi = min(self.lo, x.min().item()), max(self.hi, x.max().item())
+            return x
+        lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)  # the range holds zero, as ONNX Runtime makes it
+        scale = max(hi - lo, 1e-8) / 255.0
+        zp = round(-lo / scale)
+        q = (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
+        return x + (q - x).detach()
+
+
+def quantize_activations(model: nn.Module) -> list[ActQuant]:
+    """Hooks at the points ONNX Runtime's QDQ graph rounds activations."""
+    quants = []
+
+    def out_hook(q):
+        return lambda _m, _i, out: q(out)
+
+    stem_in = ActQuant()
+    model.conv_stem.register_forward_pre_hook(lambda _m, args: (stem_in(args[0]),))
+    quants.append(stem_in)
+    targets = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    targets += [blk for stage in model.blocks for blk in stage]
+    targets.append(model.global_pool)
+    for m in targets:
+        q = ActQuant()
+        m.register_forward_hook(out_hook(q))
+        quants.append(q)
+    return quants
+
+
 def conv_bn_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module | None]]:
     """Each convolution with the BatchNorm that follows it in module order (None for the classifier)."""
     mods = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
@@ -81,6 +121,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--activations", action="store_true", help="round the activations too (calibrated, frozen ranges)")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
@@ -102,6 +143,15 @@ def main() -> None:
     rows = read_manifest(a.run / "split.csv")
     recs = select(rows, load_records(a.data), "train")
     images, _ = build_cache(recs, spec, "caching train")
+    if a.activations:
+        quants = quantize_activations(model)
+        calib = images[np.sort(rng.choice(len(images), 512, replace=False))]
+        with torch.no_grad():
+            for i in range(0, len(calib), 64):
+                model(torch.from_numpy(normalize(calib[i:i + 64], spec)).contiguous(memory_format=torch.channels_last))
+        for q in quants:
+            q.observing = False
+        print(f"{len(quants)} activations rounded to uint8 over ranges from 512 training images")
     opt = torch.optim.AdamW(trainable, lr=a.lr, weight_decay=0.0)
     steps = a.epochs * (len(images) // a.batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -137,7 +187,7 @@ def main() -> None:
     for f in a.run.iterdir():
         if f.is_file() and f.suffix != ".pt":
             shutil.copy(f, a.out / f.name)
-    save_checkpoint(a.out / "best.pt", {**state, "model": model.state_dict()})
+    save_checkpoint(a.out / "best.pt", {**state, "model": model.state_dict()})  # hooks hold no weights
     print(f"wrote {a.out / 'best.pt'} after {steps} steps in {(time.time() - t0) / 60:.1f} min")
 
 

@@ -8,6 +8,8 @@ back on the grid exactly, so ONNX Runtime's quantizer reproduces them and only t
 calibration. With --activations the activations are rounded too, where ONNX Runtime's QDQ graph rounds them (the
 input, every BatchNorm's output after its ReLU6, every block's output after its residual add, the pooled features):
 uint8, asymmetric, ranges from the min / max over 512 training images as its MinMax calibration takes them, frozen.
+With --ort-scales the activations are rounded where ONNX Runtime's own QDQ graph of the run's FP32 bundle rounds them,
+with its scales and zero points (`dermconvert.int8._quantize`, the `--int8` form, 512 calibration images).
 Written as a run folder copy (best.pt replaced), for `dermconvert RUN --onnx M.onnx --int8`.
 
     python docs/models/experiments/int8_qat/qat.py runs/lite0-camera-kd-s2 runs/lite0-camera-kd-s2-qat \
@@ -54,6 +56,70 @@ class FoldedQuant(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         s = self.fold.view(-1, *([1] * (w.dim() - 1)))
         return fake_quant(w * s) / s
+
+
+class FixedQuant:
+    """x rounded to uint8 with a given scale and zero point (straight-through)."""
+
+    def __init__(self, scale: float, zp: int):
+        self.scale, self.zp = scale, zp
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q = (torch.clamp(torch.round(x / self.scale) + self.zp, 0, 255) - self.zp) * self.scale
+        return x + (q - x).detach()
+
+
+def ort_points(onnx_path: Path, calib: np.ndarray, size: int) -> dict[str, tuple[float, int]]:
+    """Activation tensor name -> (scale, zero point) of ONNX Runtime's QDQ graph of the bundle."""
+    from onnx import numpy_helper
+
+    from dermconvert.int8 import _quantize
+    _, qmodel = _quantize(onnx_path, calib, size, signed=False)
+    inits = {i.name: numpy_helper.to_array(i) for i in qmodel.graph.initializer}
+    points = {}
+    for n in qmodel.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in inits:
+            points[n.input[0]] = (float(inits[n.input[1]]), int(inits[n.input[2]]))
+    return points
+
+
+def hook_ort_points(model: nn.Module, points: dict[str, tuple[float, int]],
+                    pairs: list[tuple[nn.Module, nn.Module | None]]) -> int:
+    """Each ONNX tensor's rounding at the torch module that computes it: `/a/a.1/a.1.0/bn1/act/Clip_output_0` is
+    module `a.1.0.bn1.act`'s output; a folded convolution's output is its BatchNorm's; a Pad's output is the padded
+    convolution's input; the graph input is the stem's input."""
+    mods = dict(model.named_modules())
+    bn_after = {id(c): b for c, b in pairs}
+    hooked = 0
+    for tensor, (scale, zp) in points.items():
+        q = FixedQuant(scale, zp)
+        if tensor == "input":
+            mods["conv_stem"].register_forward_pre_hook(lambda _m, args, q=q: (q(args[0]),))
+            hooked += 1
+            continue
+        if tensor.startswith("logits"):  # the bundle's logits output, rounded too
+            mods["classifier"].register_forward_hook(lambda _m, _i, out, q=q: q(out))
+            hooked += 1
+            continue
+        comps = tensor.removesuffix("_output_0").split("/")[1:]
+        if len(comps) < 2:
+            print(f"not placed: {tensor}")
+            continue
+        op, path = comps[-1], comps[:-1]
+        dotted = [c for c in path if "." in c]
+        name = ".".join(([dotted[-1]] + path[path.index(dotted[-1]) + 1:]) if dotted else path)
+        m = mods.get(name)
+        if m is None:
+            print(f"not placed: {tensor}")
+            continue
+        if op == "Pad":
+            m.register_forward_pre_hook(lambda _m, args, q=q: (q(args[0]),))
+        else:
+            if op == "Conv" and bn_after.get(id(m)) is not None:
+                m = bn_after[id(m)]
+            m.register_forward_hook(lambda _m, _i, out, q=q: q(out))
+        hooked += 1
+    return hooked
 
 
 class ActQuant:
@@ -122,6 +188,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--activations", action="store_true", help="round the activations too (calibrated, frozen ranges)")
+    p.add_argument("--ort-scales", type=Path, help="the run's FP32 ONNX bundle: round the activations where and as "
+                   "ONNX Runtime's QDQ graph of it does")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
@@ -152,6 +220,10 @@ def main() -> None:
         for q in quants:
             q.observing = False
         print(f"{len(quants)} activations rounded to uint8 over ranges from 512 training images")
+    if a.ort_scales:
+        pick = np.sort(np.random.default_rng(0).choice(len(images), 512, replace=False))
+        points = ort_points(a.ort_scales, normalize(images[pick], spec), spec.size)
+        print(f"{hook_ort_points(model, points, pairs)} of {len(points)} of ONNX Runtime's activation roundings placed")
     opt = torch.optim.AdamW(trainable, lr=a.lr, weight_decay=0.0)
     steps = a.epochs * (len(images) // a.batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)

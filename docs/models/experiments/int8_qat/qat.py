@@ -123,20 +123,23 @@ def hook_ort_points(model: nn.Module, points: dict[str, tuple[float, int]],
 
 
 class ActQuant:
-    """Forward hooks that round a module's output (or the stem's input) to uint8 over a calibrated range."""
+    """Forward hooks that observe a module's output (or the stem's input) until `freeze`, then round it to uint8 over
+    the observed range."""
 
     def __init__(self):
-        self.lo, self.hi, self.observing = float("inf"), float("-inf"), True
+        self.lo, self.hi = float("inf"), float("-inf")
+        self.fixed: FixedQuant | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing:
-            self.lo, self.hi = min(self.lo, x.min().item()), max(self.hi, x.max().item())
-            return x
+        if self.fixed is not None:
+            return self.fixed(x)
+        self.lo, self.hi = min(self.lo, x.min().item()), max(self.hi, x.max().item())
+        return x
+
+    def freeze(self) -> None:
         lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)  # the range holds zero, as ONNX Runtime makes it
         scale = max(hi - lo, 1e-8) / 255.0
-        zp = round(-lo / scale)
-        q = (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
-        return x + (q - x).detach()
+        self.fixed = FixedQuant(scale, round(-lo / scale))
 
 
 def quantize_activations(model: nn.Module) -> list[ActQuant]:
@@ -218,7 +221,7 @@ def main() -> None:
             for i in range(0, len(calib), 64):
                 model(torch.from_numpy(normalize(calib[i:i + 64], spec)).contiguous(memory_format=torch.channels_last))
         for q in quants:
-            q.observing = False
+            q.freeze()
         print(f"{len(quants)} activations rounded to uint8 over ranges from 512 training images")
     if a.ort_scales:
         pick = np.sort(np.random.default_rng(0).choice(len(images), 512, replace=False))
